@@ -1,0 +1,1 @@
+"""Load tools: simulators, load generators and benchmarks (run with python -m)."""

@@ -1,0 +1,1 @@
+"""vLLM KV-cache events: wire decoding and the domain events the index consumes."""

@@ -1,0 +1,1 @@
+"""Block keys, the index protocol and its backends."""

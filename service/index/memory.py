@@ -1,0 +1,457 @@
+"""In-process index backend: one shard per model, packed per-pod fields, generation-based TTL.
+
+Layout, chosen for lookup speed and memory (see docs/performance.md):
+
+- Each pod rank of a model gets a *slot*. A block key maps to one Python int holding an
+  8-bit field per slot at bit ``8 * slot``: bit 0 "held", bits 1-3 the tiers
+  (``1 << (1 + Tier)``), bits 4-7 the generation of the last store, modulo 16.
+  A lookup is then one dict probe per key for all pods, and the per-pod answers come from
+  C-level passes (map/accumulate/sum) over those ints.
+- Time is cut into generations of ``ttl / TTL_GENERATIONS``. Every store appends the key to
+  the log of the current generation for its slot. When a generation is older than the TTL,
+  its log is replayed: an entry whose field still carries that generation was not re-stored
+  since and expires. Capacity eviction replays the oldest logs early. So neither needs a
+  scan of the index, and an entry lives at least ``ttl`` and at most ``ttl * 9 / 8``.
+- Clearing a pod retires its slot at once (lookups mask it out) and wipes its fields in the
+  background through the same logs; the slot is reused only once wiped.
+"""
+
+from __future__ import annotations
+
+import heapq
+from array import array
+from collections import Counter, deque
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import reduce
+from itertools import accumulate, repeat
+from operator import and_, or_
+from time import monotonic
+
+from service.events.model import Tier
+from service.index.protocol import (
+    EVICTION_REASONS,
+    ClearPod,
+    IndexOp,
+    IndexStats,
+    PodMatch,
+    PodRank,
+    RemoveBlocks,
+    StoreBlocks,
+)
+
+__all__ = ["TTL_GENERATIONS", "MemoryIndex"]
+
+TTL_GENERATIONS = 8
+"""Generations per TTL: the TTL's resolution is ``ttl / TTL_GENERATIONS``."""
+
+_FIELD = 0xFF
+_HELD = 0x01
+_TIERS = 0x0E
+_GEN_SHIFT = 4
+_GEN = 0xF0
+_GEN_MOD = 16
+# Pieces a retired slot's keys are cut into, so one sweep step stays short.
+_WIPE_PIECE = 4096
+# If the sweeper fell this many generations behind, ``apply`` expires synchronously first,
+# so generation numbers (kept modulo 16) can never alias.
+_LAG_LIMIT = TTL_GENERATIONS + 4
+
+
+def _tier_bit(tier: Tier) -> int:
+    return 2 << tier
+
+
+@dataclass(slots=True)
+class _GenLog:
+    """Keys stored during one generation, per slot (duplicates allowed)."""
+
+    gen: int
+    keys_by_slot: dict[int, array[int]] = field(default_factory=dict)
+
+
+class _Shard:
+    """Everything the index holds for one model."""
+
+    __slots__ = (
+        "count",
+        "free_slots",
+        "holders",
+        "live_mask",
+        "log",
+        "next_slot",
+        "pod_of",
+        "slot_of",
+        "wipe",
+        "wipe_pending",
+    )
+
+    def __init__(self) -> None:
+        self.holders: dict[int, int] = {}
+        self.slot_of: dict[PodRank, int] = {}
+        self.pod_of: dict[int, PodRank] = {}
+        self.count: dict[int, int] = {}
+        self.live_mask = 0
+        self.free_slots: list[int] = []
+        self.next_slot = 0
+        self.log: deque[_GenLog] = deque()
+        self.wipe: deque[tuple[int, array[int]]] = deque()
+        self.wipe_pending: dict[int, int] = {}
+
+    def slot(self, pod: PodRank) -> int:
+        slot = self.slot_of.get(pod)
+        if slot is None:
+            if self.free_slots:
+                slot = heapq.heappop(self.free_slots)
+            else:
+                slot = self.next_slot
+                self.next_slot += 1
+            self.slot_of[pod] = slot
+            self.pod_of[slot] = pod
+            self.count[slot] = 0
+            self.live_mask |= _HELD << (8 * slot)
+        return slot
+
+    def retire(self, pod: PodRank) -> int:
+        """Forget a pod's slot now; queue its fields for wiping. Returns its entry count."""
+        slot = self.slot_of.pop(pod, None)
+        if slot is None:
+            return 0
+        del self.pod_of[slot]
+        entries = self.count.pop(slot)
+        self.live_mask &= ~(_HELD << (8 * slot))
+        pieces = 0
+        for gen_log in self.log:
+            keys = gen_log.keys_by_slot.pop(slot, None)
+            if keys is None:
+                continue
+            for start in range(0, len(keys), _WIPE_PIECE):
+                self.wipe.append((slot, keys[start : start + _WIPE_PIECE]))
+                pieces += 1
+        if pieces:
+            self.wipe_pending[slot] = pieces
+        else:
+            heapq.heappush(self.free_slots, slot)
+        return entries
+
+
+class MemoryIndex:
+    """The in-memory ``BlockIndex``: sharded by model, TTL per (block, pod), size-bounded.
+
+    ``max_entries`` bounds (block, pod) entries across all models; beyond it the coldest
+    generations are evicted first. ``clock`` returns seconds (injectable for tests).
+    """
+
+    def __init__(
+        self,
+        *,
+        ttl: float = 3600.0,
+        max_entries: int = 1_000_000,
+        clock: Callable[[], float] = monotonic,
+    ) -> None:
+        if ttl <= 0:
+            raise ValueError(f"ttl must be positive, got {ttl}")
+        if max_entries <= 0:
+            raise ValueError(f"max_entries must be positive, got {max_entries}")
+        self._generation_seconds = ttl / TTL_GENERATIONS
+        self._max_entries = max_entries
+        self._clock = clock
+        self._shards: dict[str, _Shard] = {}
+        self._entries = 0
+        self._evictions: Counter[str] = Counter(dict.fromkeys(EVICTION_REASONS, 0))
+
+    # -- writes -------------------------------------------------------------------------
+
+    async def apply(self, model: str, pod: PodRank, ops: Sequence[IndexOp]) -> None:
+        now_gen = self._generation()
+        shard = self._shards.get(model)
+        if shard is None:
+            shard = self._shards[model] = _Shard()
+        if shard.log and shard.log[0].gen < now_gen - _LAG_LIMIT:
+            self._expire(shard, now_gen, budget=None)
+        for op in ops:
+            if isinstance(op, StoreBlocks):
+                self._store(shard, shard.slot(pod), op.keys, op.tier, now_gen)
+            elif isinstance(op, RemoveBlocks):
+                if pod in shard.slot_of:
+                    self._remove(shard, shard.slot_of[pod], op.keys, op.tier)
+            elif isinstance(op, ClearPod):
+                self._clear(shard, pod)
+        if self._entries > self._max_entries:
+            self._evict_to_capacity()
+
+    def _store(
+        self, shard: _Shard, slot: int, keys: Sequence[int], tier: Tier, now_gen: int
+    ) -> None:
+        holders = shard.holders
+        shift = 8 * slot
+        gen_bits = (now_gen % _GEN_MOD) << _GEN_SHIFT
+        fresh = (_HELD | _tier_bit(tier) | gen_bits) << shift
+        log = self._log_for(shard, slot, now_gen)
+        if holders.keys().isdisjoint(keys):
+            # Fast path: no pod holds any of these blocks yet (the common case for new text).
+            before = len(holders)
+            holders.update(zip(keys, repeat(fresh)))
+            added = len(holders) - before
+            log.extend(keys)
+        else:
+            added = 0
+            tier_bit = _tier_bit(tier)
+            for key in keys:
+                value = holders.get(key, 0)
+                old = (value >> shift) & _FIELD
+                if not old & _HELD:
+                    holders[key] = value | fresh
+                    added += 1
+                    log.append(key)
+                    continue
+                new = (old & _TIERS) | tier_bit | _HELD | gen_bits
+                if new != old:
+                    holders[key] = value ^ ((old ^ new) << shift)
+                    if (old ^ new) >> _GEN_SHIFT:
+                        log.append(key)
+        shard.count[slot] += added
+        self._entries += added
+
+    def _remove(self, shard: _Shard, slot: int, keys: Iterable[int], tier: Tier) -> None:
+        holders = shard.holders
+        shift = 8 * slot
+        tier_bit = _tier_bit(tier)
+        removed = 0
+        for key in keys:
+            value = holders.get(key)
+            if value is None:
+                continue
+            old = (value >> shift) & _FIELD
+            if not old & tier_bit:
+                continue
+            new = old & ~tier_bit
+            if not new & _TIERS:
+                new = 0
+                removed += 1
+            value ^= (old ^ new) << shift
+            if value:
+                holders[key] = value
+            else:
+                del holders[key]
+        shard.count[slot] -= removed
+        self._entries -= removed
+        self._evictions["removed"] += removed
+
+    def _clear(self, shard: _Shard, pod: PodRank) -> None:
+        entries = shard.retire(pod)
+        self._entries -= entries
+        self._evictions["cleared"] += entries
+
+    def _log_for(self, shard: _Shard, slot: int, now_gen: int) -> array[int]:
+        if not shard.log or shard.log[-1].gen != now_gen:
+            shard.log.append(_GenLog(now_gen))
+        by_slot = shard.log[-1].keys_by_slot
+        keys = by_slot.get(slot)
+        if keys is None:
+            keys = by_slot[slot] = array("Q")
+        return keys
+
+    async def drop_pod(self, pod_id: str) -> None:
+        for shard in self._shards.values():
+            for pod in [p for p in shard.slot_of if p.pod_id == pod_id]:
+                self._clear(shard, pod)
+
+    # -- expiry and eviction --------------------------------------------------------------
+
+    async def sweep(self, budget: int | None = None) -> int:
+        now_gen = self._generation()
+        done = 0
+        for shard in self._shards.values():
+            remaining = None if budget is None else budget - done
+            if remaining is not None and remaining <= 0:
+                break
+            done += self._wipe_retired(shard, remaining)
+            remaining = None if budget is None else budget - done
+            if remaining is not None and remaining <= 0:
+                break
+            done += self._expire(shard, now_gen, remaining)
+        for model in [m for m, s in self._shards.items() if self._is_empty(s)]:
+            del self._shards[model]
+        return done
+
+    @staticmethod
+    def _is_empty(shard: _Shard) -> bool:
+        return not shard.holders and not shard.slot_of and not shard.wipe
+
+    def _expire(self, shard: _Shard, now_gen: int, budget: int | None) -> int:
+        """Replay the logs of generations older than the TTL; returns keys visited."""
+        visited = 0
+        while shard.log and shard.log[0].gen < now_gen - TTL_GENERATIONS:
+            remaining = None if budget is None else budget - visited
+            if remaining is not None and remaining <= 0:
+                break
+            seen, _ = self._drain_oldest(shard, "ttl", remaining, None)
+            visited += seen
+        return visited
+
+    def _evict_to_capacity(self) -> None:
+        while self._entries > self._max_entries:
+            oldest = min(
+                (s for s in self._shards.values() if s.log),
+                key=lambda s: s.log[0].gen,
+                default=None,
+            )
+            if oldest is None:
+                return
+            self._drain_oldest(oldest, "capacity", None, self._entries - self._max_entries)
+
+    def _drain_oldest(
+        self, shard: _Shard, reason: str, max_keys: int | None, max_evictions: int | None
+    ) -> tuple[int, int]:
+        """Evict entries still carrying the oldest logged generation; drop the log when done.
+
+        Stops early after ``max_keys`` keys or ``max_evictions`` evictions, keeping the
+        unvisited rest of the log for later. Returns (keys visited, entries evicted).
+        """
+        gen_log = shard.log[0]
+        gen_bits = (gen_log.gen % _GEN_MOD) << _GEN_SHIFT
+        holders = shard.holders
+        visited = evicted = 0
+        by_slot = gen_log.keys_by_slot
+        while by_slot:
+            if max_keys is not None and visited >= max_keys:
+                break
+            if max_evictions is not None and evicted >= max_evictions:
+                break
+            slot, keys = next(iter(by_slot.items()))
+            shift = 8 * slot
+            keep = ~(_FIELD << shift)
+            stop = len(keys) if max_keys is None else min(len(keys), max_keys - visited)
+            wanted = None if max_evictions is None else max_evictions - evicted
+            slot_evicted = index = 0
+            while index < stop:
+                key = keys[index]
+                index += 1
+                value = holders.get(key)
+                if value is None:
+                    continue
+                old = (value >> shift) & _FIELD
+                if old & _HELD and old & _GEN == gen_bits:
+                    value &= keep
+                    if value:
+                        holders[key] = value
+                    else:
+                        del holders[key]
+                    slot_evicted += 1
+                    if slot_evicted == wanted:
+                        break
+            visited += index
+            evicted += slot_evicted
+            shard.count[slot] -= slot_evicted
+            if index < len(keys):
+                by_slot[slot] = keys[index:]
+            else:
+                del by_slot[slot]
+        if not by_slot:
+            shard.log.popleft()
+        self._entries -= evicted
+        self._evictions[reason] += evicted
+        return visited, evicted
+
+    def _wipe_retired(self, shard: _Shard, budget: int | None) -> int:
+        holders = shard.holders
+        visited = 0
+        while shard.wipe and (budget is None or visited < budget):
+            slot, keys = shard.wipe.popleft()
+            mask = ~(_FIELD << (8 * slot))
+            for key in keys:
+                value = holders.get(key)
+                if value is None:
+                    continue
+                value &= mask
+                if value:
+                    holders[key] = value
+                else:
+                    del holders[key]
+            visited += len(keys)
+            shard.wipe_pending[slot] -= 1
+            if not shard.wipe_pending[slot]:
+                del shard.wipe_pending[slot]
+                heapq.heappush(shard.free_slots, slot)
+        return visited
+
+    def _generation(self) -> int:
+        return int(self._clock() // self._generation_seconds)
+
+    # -- reads ----------------------------------------------------------------------------
+
+    async def lookup(
+        self, model: str, keys: Sequence[int], pods: Collection[PodRank] | None = None
+    ) -> list[PodMatch]:
+        shard = self._shards.get(model)
+        if shard is None or not keys:
+            return []
+        if pods is None:
+            slots = shard.pod_of
+        else:
+            slots = {shard.slot_of[p]: p for p in pods if p in shard.slot_of}
+        if not slots:
+            return []
+        values = list(map(shard.holders.get, keys, repeat(0)))
+        # Fields are read from the raw values: a slot's held bit survives an AND of values
+        # exactly while the slot holds every block so far, so running[i] tells who holds
+        # blocks 0..i, and the bits of other fields never mix into it.
+        running = list(accumulate(values, and_))
+        match_lengths = {
+            slot: _prefix_length(running, _HELD << (8 * slot))
+            for slot in slots
+            if (values[0] >> (8 * slot)) & _HELD
+        }
+        # One C-level pass histograms the values, cut where each pod's prefix ends.
+        histogram: Counter[int] = Counter()
+        prefix_tiers: dict[int, dict[int, int]] = {}
+        done = 0
+        for slot, length in sorted(match_lengths.items(), key=lambda item: item[1]):
+            histogram.update(values[done:length])
+            done = length
+            prefix_tiers[slot] = _tier_sets(histogram, 8 * slot)
+        histogram.update(values[done:])
+        anywhere = reduce(or_, histogram, 0)
+        matches = []
+        for slot, pod in slots.items():
+            shift = 8 * slot
+            if not (anywhere >> shift) & _HELD:
+                continue
+            block_count = sum(n for v, n in histogram.items() if (v >> shift) & _HELD)
+            matches.append(
+                PodMatch(pod, match_lengths.get(slot, 0), block_count, prefix_tiers.get(slot, {}))
+            )
+        return matches
+
+    async def stats(self) -> IndexStats:
+        by_pod = {
+            (model, pod): shard.count[slot]
+            for model, shard in self._shards.items()
+            for pod, slot in shard.slot_of.items()
+        }
+        keys = {model: len(shard.holders) for model, shard in self._shards.items()}
+        return IndexStats(self._entries, by_pod, keys, dict(self._evictions))
+
+
+def _prefix_length(running: list[int], bit: int) -> int:
+    """Length of the run of ``running`` with ``bit`` set (it is set on a prefix only)."""
+    low, high = 0, len(running)
+    while low < high:
+        mid = (low + high) // 2
+        if running[mid] & bit:
+            low = mid + 1
+        else:
+            high = mid
+    return low
+
+
+def _tier_sets(histogram: Counter[int], shift: int) -> dict[int, int]:
+    """Blocks per set of tiers (bitmask of ``1 << Tier``) held by one slot in a histogram."""
+    tier_sets: dict[int, int] = {}
+    for value, count in histogram.items():
+        held = (value >> shift) & _FIELD
+        if held & _HELD:
+            tiers = (held & _TIERS) >> 1
+            tier_sets[tiers] = tier_sets.get(tiers, 0) + count
+    return tier_sets

@@ -1,0 +1,95 @@
+"""Scores: longest cached prefix per pod, tier-weighted, normalised by the prompt's blocks.
+
+See CONTRACT.md section 4: ``match_length`` counts consecutive blocks from the first that a
+pod holds on any tier; ``score`` weighs each of those blocks by its best tier and divides by
+``total_blocks``; pods sort by score, then pod_id, then dp_rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+from service.events.model import Tier
+from service.index.protocol import PodMatch, PodRank
+
+__all__ = ["Locality", "PodScore", "TierWeights", "score_matches"]
+
+
+@dataclass(frozen=True, slots=True)
+class TierWeights:
+    """How much a cached block is worth by tier; a block on several tiers takes its best."""
+
+    gpu: float = 1.0
+    cpu: float = 0.8
+    disk: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("gpu", "cpu", "disk"):
+            weight = getattr(self, name)
+            if not 0.0 <= weight <= 1.0:
+                raise ValueError(f"tier weight {name} must be within [0, 1], got {weight}")
+
+    def of(self, tier: Tier) -> float:
+        weight: float = getattr(self, tier.label)
+        return weight
+
+    def best(self, tier_set: int) -> float:
+        """Weight of the best tier in a bitmask of ``1 << Tier``."""
+        return max((self.of(t) for t in Tier if tier_set >> t & 1), default=0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class PodScore:
+    """One (pod, rank) in an answer."""
+
+    pod: PodRank
+    match_length: int
+    block_count: int
+    tiers: Mapping[str, int]
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class Locality:
+    """The answer to "which pods hold the longest prefix of this prompt"."""
+
+    total_blocks: int
+    cache_hits: int
+    coverage: float
+    pods: list[PodScore]
+
+
+def score_matches(
+    matches: Sequence[PodMatch],
+    total_blocks: int,
+    weights: TierWeights,
+    candidates: Collection[PodRank] | None = None,
+) -> Locality:
+    """Turn index matches into scored, sorted pods.
+
+    With ``candidates``, only those pods are answered, each of them even when it holds
+    nothing (score 0).
+    """
+    scored = [_score(m, total_blocks, weights) for m in matches]
+    if candidates is not None:
+        wanted = set(candidates)
+        scored = [s for s in scored if s.pod in wanted]
+        seen = {s.pod for s in scored}
+        scored += [PodScore(pod, 0, 0, {}, 0.0) for pod in wanted - seen]
+    scored.sort(key=lambda s: (-s.score, s.pod.pod_id, s.pod.dp_rank))
+    cache_hits = scored[0].match_length if scored else 0
+    coverage = cache_hits / total_blocks if total_blocks else 0.0
+    return Locality(total_blocks, cache_hits, coverage, scored)
+
+
+def _score(match: PodMatch, total_blocks: int, weights: TierWeights) -> PodScore:
+    tiers: dict[str, int] = {}
+    weighted = 0.0
+    for tier_set, count in match.prefix_tiers.items():
+        weighted += weights.best(tier_set) * count
+        for tier in Tier:
+            if tier_set >> tier & 1:
+                tiers[tier.label] = tiers.get(tier.label, 0) + count
+    score = min(1.0, weighted / total_blocks) if total_blocks else 0.0
+    return PodScore(match.pod, match.match_length, match.block_count, tiers, score)
