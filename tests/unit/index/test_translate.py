@@ -15,7 +15,7 @@ from service.index.translate import EventTranslator, Translation
 from tests.support.vllm_wire import WireEvent, encode_batch, removed, stored
 
 POD = PodRank("10.0.0.7:8000")
-VECTORS = Path(__file__).parents[3] / ".." / "shared" / "vectors"
+VECTORS = Path(__file__).parents[2] / "fixtures"
 TOKENS = list(range(1000, 1064))  # four blocks of 16
 
 
