@@ -1,0 +1,1 @@
+"""The query APIs: shared query logic, REST routes, gRPC servicers."""
