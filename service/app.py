@@ -1,0 +1,212 @@
+"""Composition root: builds every part from the settings, runs them, owns shutdown.
+
+One asyncio loop runs ZeroMQ ingestion, the REST server (uvicorn) and the gRPC server.
+Shutdown on SIGTERM/SIGINT, in order: stop taking queries (in-flight ones finish), stop
+receiving events, apply what is queued, stop background tasks; all within ``_STOP_SECONDS``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Generator
+
+import structlog
+import uvicorn
+import zmq
+import zmq.asyncio
+
+from service.api.grpc_server import GrpcApi
+from service.api.query import LocalityAnswer, QueryService
+from service.api.rest import create_rest_app
+from service.config import Settings
+from service.events.replay import Replayer
+from service.events.subscriber import PodEndpoint, Subscriber, offset_port
+from service.index.memory import MemoryIndex
+from service.ingest import Ingestor
+from service.logging import configure_logging
+from service.models import ModelRegistry
+from service.scoring import TierWeights
+from service.telemetry import Metrics
+
+__all__ = ["Service", "run"]
+
+log = structlog.get_logger("kv_cache.app")
+
+_STOP_SECONDS = 5.0
+_SWEEP_BUDGET = 50_000
+
+
+def run(settings: Settings) -> int:
+    """Run the service until SIGTERM or SIGINT; returns the process exit code."""
+    configure_logging(settings.logging.level, settings.logging.format)
+
+    async def main() -> int:
+        # Built inside the loop: grpc.aio and zmq.asyncio bind to the running loop.
+        return await Service(settings).serve()
+
+    return asyncio.run(main())
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn without its own signal handlers: the service owns shutdown."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+class Service:
+    """Every part of a running kv-cache, wired together."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        if settings.index.backend != "memory":
+            raise NotImplementedError(f"index.backend {settings.index.backend!r} is not built yet")
+        self.index = MemoryIndex(ttl=settings.index.ttl, max_entries=settings.index.max_size)
+        self.models = ModelRegistry(settings.models, max_engine_hashes=settings.index.max_size)
+        self._zmq = zmq.asyncio.Context()
+        replay_endpoints = {
+            pod.pod_id: pod for pod in settings.zmq.pods if pod.replay_endpoint is not None
+        }
+
+        def replay_endpoint_for(pod_id: str, rank: int) -> str | None:
+            pod = replay_endpoints.get(pod_id)
+            if pod is None or pod.replay_endpoint is None:
+                return None
+            return offset_port(pod.replay_endpoint, rank)
+
+        self.ingestor = Ingestor(
+            self.index,
+            self.models,
+            self.metrics,
+            queue_size=settings.zmq.queue_size,
+            replayer=Replayer(self._zmq, timeout=settings.zmq.replay_timeout),
+            replay_concurrency=settings.zmq.replay_concurrency,
+            replay_endpoint_for=replay_endpoint_for,
+            stale_after=settings.zmq.stale_after,
+        )
+        self.subscriber = Subscriber(
+            self._zmq,
+            topic_filter=settings.zmq.topic_filter,
+            sink=self.ingestor.submit,
+            on_bad_frame=self.ingestor.bad_frame,
+        )
+        weights = settings.scoring.tier_weights
+        self.queries = QueryService(
+            self.index,
+            self.models,
+            weights=TierWeights(weights.gpu, weights.cpu, weights.disk),
+            max_tokens=settings.api.max_tokens,
+            observe=self._observe_query,
+            status=self.ingestor,
+        )
+        self.grpc = GrpcApi(self.queries, max_message_bytes=settings.api.max_body_bytes)
+        rest = create_rest_app(
+            self.queries, self.metrics.registry, max_body_bytes=settings.api.max_body_bytes
+        )
+        self.http = _EmbeddedUvicorn(
+            uvicorn.Config(
+                rest,
+                host=settings.api.host,
+                port=settings.api.port,
+                log_config=None,
+                access_log=False,
+                lifespan="off",
+                timeout_graceful_shutdown=int(_STOP_SECONDS) - 1,
+            )
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+
+    def _observe_query(self, api: str, seconds: float, answer: LocalityAnswer | None) -> None:
+        if answer is None:
+            self.metrics.query_duration.labels(api).observe(seconds)
+            return
+        locality = answer.locality
+        self.metrics.observe_query(api, seconds, locality.total_blocks, locality.cache_hits)
+
+    async def start(self) -> None:
+        settings = self.settings
+        await self.index.sweep()
+        self.metrics.index.stats = await self.index.stats()
+        if settings.zmq.endpoint:
+            self.subscriber.bind(settings.zmq.endpoint, settings.zmq.data_parallel_size)
+        for pod in settings.zmq.pods:
+            self.subscriber.connect(
+                PodEndpoint(
+                    pod.pod_id,
+                    pod.endpoint,
+                    pod.replay_endpoint,
+                    pod.model,
+                    pod.data_parallel_size,
+                )
+            )
+        self._tasks.append(asyncio.create_task(self.ingestor.run(), name="ingest"))
+        self._tasks.append(asyncio.create_task(self._sweep_forever(), name="sweep"))
+        grpc_port = await self.grpc.start(settings.grpc.host, settings.grpc.port)
+        http_task = asyncio.create_task(self.http.serve(), name="http")
+        while not self.http.started:
+            if http_task.done():
+                await http_task  # raises what stopped it (e.g. port in use)
+                raise RuntimeError("the HTTP server stopped during start-up")
+            await asyncio.sleep(0.01)
+        self._http_task = http_task
+        self.ingestor.ready = True
+        await self.grpc.set_serving(True)
+        log.info(
+            "kv-cache started",
+            http=f"{settings.api.host}:{self.http_port}",
+            grpc=f"{settings.grpc.host}:{grpc_port}",
+            zmq_bound=self.subscriber.bound,
+            zmq_pods=[p.pod_id for p in settings.zmq.pods],
+            index_backend=settings.index.backend,
+        )
+
+    @property
+    def http_port(self) -> int:
+        port: int = self.http.servers[0].sockets[0].getsockname()[1]
+        return port
+
+    async def serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        try:
+            await self.start()
+            await self._stopping.wait()
+            log.info("stopping")
+        finally:
+            await self.stop()
+        log.info("stopped")
+        return 0
+
+    async def stop(self) -> None:
+        """Ordered shutdown; safe to call after a failed start."""
+        self.ingestor.ready = False
+        with contextlib.suppress(Exception):
+            await self.grpc.set_serving(False)
+        self.http.should_exit = True
+        http_task = getattr(self, "_http_task", None)
+        await asyncio.gather(
+            self.grpc.stop(grace=_STOP_SECONDS - 2),
+            *([http_task] if http_task is not None else []),
+            return_exceptions=True,
+        )
+        await self.subscriber.close()
+        await self.ingestor.drain(seconds=1.0)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.ingestor.close()
+        self._zmq.term()
+
+    async def _sweep_forever(self) -> None:
+        interval = self.settings.index.sweep_interval
+        while True:
+            await asyncio.sleep(interval)
+            while await self.index.sweep(_SWEEP_BUDGET) >= _SWEEP_BUDGET:
+                await asyncio.sleep(0)
+            self.metrics.index.stats = await self.index.stats()

@@ -1,0 +1,373 @@
+"""Ingestion: identify, order, decode, translate and apply live and replayed batches.
+
+Per (pod, dp rank) it tracks the engine's sequence numbers (CONTRACT.md section 6):
+- first contact with a pod that has a replay endpoint: replay from 0;
+- a gap: replay from last + 1 when a replay endpoint is known, else count the loss;
+- a sequence lower than expected: the engine restarted: clear the pod, then replay from 0.
+While a replay runs, live frames of that pod wait in order and apply after it; replayed
+batches already applied are skipped by sequence number.
+
+Frames wait in one bounded queue (full: dropped and counted); the consumer yields to the
+event loop every ``_SLICE_SECONDS`` so a burst of events delays visibility, not queries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from service.events.model import EventBatch
+from service.events.replay import Replayer, ReplayError
+from service.events.subscriber import Frame
+from service.events.vllm import DecodeError, decode_batch
+from service.index.protocol import BlockIndex, ClearPod, PodRank
+from service.models import ModelRegistry
+from service.status import ModelStatus, PodState, PodStatus, Readiness
+from service.telemetry import Metrics
+
+__all__ = ["Ingestor", "parse_topic"]
+
+log = structlog.get_logger("kv_cache.ingest")
+
+_SLICE_SECONDS = 0.0005
+_MAX_PENDING = 10_000
+
+
+def parse_topic(topic: bytes) -> tuple[str | None, str | None]:
+    """``kv@<pod>@<model>`` -> (pod, model); parts that are missing or empty are None."""
+    parts = topic.decode("utf-8", "replace").split("@", 2)
+    pod = parts[1] if len(parts) > 1 and parts[1] else None
+    model = parts[2] if len(parts) > 2 and parts[2] else None
+    return pod, model
+
+
+@dataclass(slots=True)
+class _Stream:
+    """Sequence state of one engine process (a pod's dp rank)."""
+
+    pod: PodRank
+    model: str
+    last_seq: int | None = None
+    last_time: float | None = None
+    batches: int = 0
+    gaps: int = 0
+    lost: int = 0
+    replays: int = 0
+    restarts: int = 0
+    replaying: bool = False
+    pending: list[tuple[int, EventBatch | None]] = field(default_factory=list)
+
+
+class Ingestor:
+    """Applies event batches to the index, in order, per engine stream."""
+
+    def __init__(
+        self,
+        index: BlockIndex,
+        models: ModelRegistry,
+        metrics: Metrics,
+        *,
+        queue_size: int,
+        replayer: Replayer | None,
+        replay_concurrency: int,
+        replay_endpoint_for: Callable[[str, int], str | None],
+        stale_after: float,
+    ) -> None:
+        self._index = index
+        self._models = models
+        self._metrics = metrics
+        self._queue: asyncio.Queue[Frame] = asyncio.Queue(queue_size)
+        self._replayer = replayer
+        self._replay_slots = asyncio.Semaphore(replay_concurrency)
+        self._replay_endpoint_for = replay_endpoint_for
+        self._stale_after = stale_after
+        self._streams: dict[PodRank, _Stream] = {}
+        self._replays: set[asyncio.Task[None]] = set()
+        self._warned_topics: set[bytes] = set()
+        self.ready = False
+
+    # -- intake -------------------------------------------------------------------------
+
+    def submit(self, frame: Frame) -> None:
+        """Queue a live frame; never blocks (a full queue drops it, counted)."""
+        try:
+            self._queue.put_nowait(frame)
+        except asyncio.QueueFull:
+            self._metrics.decode_errors.labels("queue_full").inc()
+
+    def bad_frame(self, reason: str) -> None:
+        self._metrics.decode_errors.labels(reason).inc()
+
+    async def run(self) -> None:
+        """Consume the queue until cancelled."""
+        queue = self._queue
+        while True:
+            frame = await queue.get()
+            slice_end = time.perf_counter() + _SLICE_SECONDS
+            while True:
+                await self._live(frame)
+                if queue.empty() or time.perf_counter() > slice_end:
+                    break
+                frame = queue.get_nowait()
+            self._metrics.queue_depth.set(queue.qsize())
+            await asyncio.sleep(0)
+
+    async def drain(self, seconds: float) -> None:
+        """Apply what is queued (at shutdown), for at most ``seconds``."""
+        deadline = time.monotonic() + seconds
+        while not self._queue.empty() and time.monotonic() < deadline:
+            await self._live(self._queue.get_nowait())
+
+    async def close(self) -> None:
+        for task in list(self._replays):
+            task.cancel()
+        await asyncio.gather(*self._replays, return_exceptions=True)
+
+    # -- sequencing ---------------------------------------------------------------------
+
+    async def _live(self, frame: Frame) -> None:
+        topic_pod, topic_model = parse_topic(frame.topic)
+        pod_id = frame.source.pod_id or topic_pod
+        model = topic_model or frame.source.model
+        if pod_id is None or model is None:
+            self._unidentified(frame)
+            return
+        batch = self._decode(frame.payload)
+        rank = frame.source.rank
+        if batch is not None and batch.data_parallel_rank is not None:
+            rank = batch.data_parallel_rank
+        self._metrics.batches_received.labels("live").inc()
+        pod = PodRank(pod_id, rank)
+        stream = self._streams.get(pod)
+        if stream is None:
+            stream = self._streams[pod] = _Stream(pod, model)
+            self._metrics.pods_tracked.set(len(self._streams))
+            log.info("pod seen", pod=str(pod), model=model, seq=frame.seq)
+        stream.model = model
+        stream.last_time = frame.received
+        if stream.replaying:
+            self._hold(stream, frame.seq, batch)
+            return
+        replay_endpoint = frame.source.replay_endpoint or self._replay_endpoint_for(pod_id, rank)
+        await self._sequence(stream, frame.seq, batch, replay_endpoint)
+
+    async def _sequence(
+        self, stream: _Stream, seq: int, batch: EventBatch | None, replay_endpoint: str | None
+    ) -> None:
+        can_replay = replay_endpoint is not None and self._replayer is not None
+        last = stream.last_seq
+        if last is None:
+            if can_replay:
+                assert replay_endpoint is not None
+                return self._start_replay(stream, replay_endpoint, 0, seq, batch)
+        elif seq > last + 1:
+            stream.gaps += 1
+            self._metrics.sequence_gaps.labels(stream.pod.pod_id).inc()
+            log.warning("sequence gap", pod=str(stream.pod), expected=last + 1, got=seq)
+            if can_replay:
+                assert replay_endpoint is not None
+                return self._start_replay(stream, replay_endpoint, last + 1, seq, batch)
+            self._lose(stream, seq - last - 1)
+        elif seq <= last:
+            stream.restarts += 1
+            self._metrics.engine_restarts.labels(stream.pod.pod_id).inc()
+            log.warning("engine restarted", pod=str(stream.pod), last_seq=last, seq=seq)
+            await self._index.apply(stream.model, stream.pod, [ClearPod()])
+            stream.last_seq = None
+            if can_replay:
+                assert replay_endpoint is not None
+                return self._start_replay(stream, replay_endpoint, 0, seq, batch)
+        await self._apply(stream, seq, batch)
+
+    def _start_replay(
+        self,
+        stream: _Stream,
+        endpoint: str,
+        start: int,
+        seq: int,
+        batch: EventBatch | None,
+    ) -> None:
+        stream.replaying = True
+        stream.replays += 1
+        self._hold(stream, seq, batch)
+        task = asyncio.create_task(self._replay(stream, endpoint, start), name="replay")
+        self._replays.add(task)
+        task.add_done_callback(self._replays.discard)
+
+    async def _replay(self, stream: _Stream, endpoint: str, start: int) -> None:
+        log.info("replay started", pod=str(stream.pod), endpoint=endpoint, from_seq=start)
+        began = time.perf_counter()
+        assert self._replayer is not None
+        try:
+            async with self._replay_slots:
+                replayed = await self._replayer.fetch(endpoint, start)
+        except ReplayError as error:
+            self._metrics.replays.labels(error.reason).inc()
+            log.warning("replay failed", pod=str(stream.pod), endpoint=endpoint, error=str(error))
+            replayed = []
+        else:
+            self._metrics.replays.labels("ok").inc()
+        self._metrics.replay_duration.observe(time.perf_counter() - began)
+        applied = 0
+        for item in replayed:
+            last = stream.last_seq
+            if last is not None and item.seq <= last:
+                continue
+            if last is not None and item.seq > last + 1:
+                self._lose(stream, item.seq - last - 1)
+            self._metrics.batches_received.labels("replay").inc()
+            await self._apply(stream, item.seq, self._decode(item.payload))
+            applied += 1
+        # Live frames held meanwhile apply in order; a gap left among them is a loss now.
+        while stream.pending:
+            seq, batch = stream.pending.pop(0)
+            if stream.last_seq is not None and seq <= stream.last_seq:
+                continue  # the replay already brought it
+            await self._sequence(stream, seq, batch, None)
+        stream.replaying = False
+        log.info(
+            "replay done",
+            pod=str(stream.pod),
+            from_seq=start,
+            applied=applied,
+            last_seq=stream.last_seq,
+            seconds=round(time.perf_counter() - began, 4),
+        )
+
+    def _hold(self, stream: _Stream, seq: int, batch: EventBatch | None) -> None:
+        if len(stream.pending) >= _MAX_PENDING:
+            self._metrics.decode_errors.labels("replay_buffer_full").inc()
+            return
+        stream.pending.append((seq, batch))
+
+    def _lose(self, stream: _Stream, batches: int) -> None:
+        stream.lost += batches
+        self._metrics.lost_batches.labels(stream.pod.pod_id).inc(batches)
+
+    # -- applying -----------------------------------------------------------------------
+
+    def _decode(self, payload: bytes) -> EventBatch | None:
+        try:
+            batch = decode_batch(payload)
+        except DecodeError as error:
+            self._metrics.decode_errors.labels(error.reason).inc()
+            log.debug("batch not decodable", reason=error.reason, error=str(error))
+            return None
+        for reason, count in batch.skipped.items():
+            self._metrics.decode_errors.labels(reason).inc(count)
+        return batch
+
+    async def _apply(self, stream: _Stream, seq: int, batch: EventBatch | None) -> None:
+        stream.last_seq = seq
+        stream.batches += 1
+        if batch is None or not batch.events:
+            return
+        model = self._models.get_or_add(stream.model)
+        translation = model.translator.translate(batch.events)
+        metrics = self._metrics
+        for event in batch.events:
+            metrics.events_received.labels(type(event).__name__).inc()
+        for reason, count in translation.skipped.items():
+            metrics.decode_errors.labels(reason).inc(count)
+        if translation.hash_checks:
+            mismatches = model.record(translation.hash_checks)
+            if mismatches:
+                metrics.hash_mismatches.labels(stream.model).inc(mismatches)
+                if model.hash_mismatches == mismatches:
+                    log.error(
+                        "engine block hashes differ from ours",
+                        model=stream.model,
+                        pod=str(stream.pod),
+                        key_mode="vllm",
+                        likely_cause="hash_algorithm or hash_seed (PYTHONHASHSEED) differ from"
+                        " the engine's; or the engine's vLLM version hashes differently",
+                    )
+        if translation.ops:
+            await self._index.apply(stream.model, stream.pod, translation.ops)
+        lag = max(0.0, time.time() - batch.ts)
+        metrics.event_lag.labels(stream.pod.pod_id).set(lag)
+        metrics.visible_lag.observe(lag)
+
+    def _unidentified(self, frame: Frame) -> None:
+        self._metrics.decode_errors.labels("unidentified").inc()
+        if frame.topic not in self._warned_topics and len(self._warned_topics) < 1000:
+            self._warned_topics.add(frame.topic)
+            log.warning(
+                "batch names no pod or model; dropped",
+                topic=frame.topic.decode("utf-8", "replace"),
+                hint="set the engine's topic to kv@<pod-ip:port>@<model>, or list the pod"
+                " under zmq.pods",
+            )
+
+    # -- status -------------------------------------------------------------------------
+
+    async def forget_pod(self, pod_id: str) -> None:
+        """Drop a pod: its streams and its entries (e.g. the pod was deleted)."""
+        for pod in [p for p in self._streams if p.pod_id == pod_id]:
+            del self._streams[pod]
+        await self._index.drop_pod(pod_id)
+        self._metrics.pods_tracked.set(len(self._streams))
+
+    async def pods(self) -> list[PodStatus]:
+        stats = await self._index.stats()
+        now = time.time()
+        found = []
+        for pod, stream in sorted(self._streams.items()):
+            state: PodState = "live"
+            if stream.replaying:
+                state = "replaying"
+            elif stream.last_time is None or now - stream.last_time > self._stale_after:
+                state = "stale"
+            found.append(
+                PodStatus(
+                    pod_id=pod.pod_id,
+                    dp_rank=pod.dp_rank,
+                    model=stream.model,
+                    blocks=stats.entries_by_pod.get((stream.model, pod), 0),
+                    state=state,
+                    last_event_time=stream.last_time,
+                    last_seq=stream.last_seq,
+                    batches=stream.batches,
+                    gaps=stream.gaps,
+                    lost_batches=stream.lost,
+                    replays=stream.replays,
+                    restarts=stream.restarts,
+                )
+            )
+        return found
+
+    async def models(self) -> list[ModelStatus]:
+        stats = await self._index.stats()
+        blocks: dict[str, int] = {}
+        pods: dict[str, int] = {}
+        for (model, _), count in stats.entries_by_pod.items():
+            blocks[model] = blocks.get(model, 0) + count
+            pods[model] = pods.get(model, 0) + 1
+        return [
+            ModelStatus(
+                name=m.name,
+                key_mode=m.translator.key_mode,
+                configured=m.configured,
+                block_size=m.translator.block_size,
+                blocks=blocks.get(m.name, 0),
+                pods=pods.get(m.name, 0),
+                hash_matches=m.hash_matches,
+                hash_mismatches=m.hash_mismatches,
+            )
+            for m in sorted(self._models.all(), key=lambda m: m.name)
+        ]
+
+    async def readiness(self) -> Readiness:
+        warnings = tuple(
+            f"model {m.name!r}: {m.hash_mismatches} engine block hashes differ from ours"
+            " (check hash_algorithm and hash_seed / PYTHONHASHSEED)"
+            for m in self._models.all()
+            if m.hash_mismatches
+        )
+        if not self.ready:
+            return Readiness(False, ("starting",), warnings)
+        return Readiness(True, (), warnings)
