@@ -59,9 +59,10 @@ def generate(out: Path) -> list[Path]:
         raise RuntimeError(f"protoc failed ({result.returncode}):\n{result.stderr}")
     top_level = sorted({p.parts[0] for p in protos})
     for path in out.rglob("*.py*"):
-        path.write_text(_rewrite_imports(path.read_text(), top_level))
+        source = path.read_text(encoding="utf-8")
+        path.write_text(_rewrite_imports(source, top_level), encoding="utf-8", newline="\n")
     # Every directory a Python package, so mypy and importers see one package tree.
-    (out / "__init__.py").write_text(PACKAGE_DOC)
+    (out / "__init__.py").write_text(PACKAGE_DOC, encoding="utf-8", newline="\n")
     for directory in sorted(d for d in out.rglob("*") if d.is_dir()):
         (directory / "__init__.py").touch()
     return sorted(p for p in out.rglob("*") if p.is_file())

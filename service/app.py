@@ -35,7 +35,8 @@ __all__ = ["Service", "run"]
 log = structlog.get_logger("kv_cache.app")
 
 _STOP_SECONDS = 5.0
-_SWEEP_BUDGET = 50_000
+_SWEEP_BUDGET = 20_000
+_SWEEP_STEPS = 100
 
 
 def run(settings: Settings) -> int:
@@ -207,6 +208,20 @@ class Service:
         interval = self.settings.index.sweep_interval
         while True:
             await asyncio.sleep(interval)
-            while await self.index.sweep(_SWEEP_BUDGET) >= _SWEEP_BUDGET:
+            # Small steps, yielding between them, so queries never wait on a big expiry.
+            for _ in range(_SWEEP_STEPS):
+                if await self.index.sweep(_SWEEP_BUDGET) < _SWEEP_BUDGET:
+                    break
                 await asyncio.sleep(0)
-            self.metrics.index.stats = await self.index.stats()
+            before = self.metrics.index.stats
+            stats = self.metrics.index.stats = await self.index.stats()
+            if before is not None and stats.evictions != before.evictions:
+                log.info(
+                    "index evictions",
+                    entries=stats.entries,
+                    **{
+                        reason: count - before.evictions.get(reason, 0)
+                        for reason, count in stats.evictions.items()
+                        if count != before.evictions.get(reason, 0)
+                    },
+                )

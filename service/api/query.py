@@ -144,6 +144,11 @@ class QueryService:
             else:
                 _check_token_ids(query.token_ids)
         elif query.block_hashes is not None:
+            if query.lora_name is not None or query.cache_salt is not None:
+                raise InvalidQuery(
+                    "lora_name and cache_salt apply to token_ids; engine block hashes"
+                    " already include them"
+                )
             if len(query.block_hashes) > self._max_tokens:
                 raise QueryTooLarge(
                     f"{len(query.block_hashes)} block hashes exceed api.max_tokens"

@@ -189,7 +189,11 @@ def test_connect_mode_replays_on_first_contact_on_gaps_and_after_restart() -> No
             engine.buffer.clear()
             engine.publish([stored(hashes(1, 10 << 40), list(range(100, 116)))], seq=0)
             wait_for(lambda: pod not in running.matches(MODEL, PROMPT), what="restart clear")
-            assert running.matches(MODEL, list(range(100, 116))) == {pod: 1}
+            # The restarted engine's blocks come in by the replay from 0 that follows.
+            wait_for(
+                lambda: running.matches(MODEL, list(range(100, 116))) == {pod: 1},
+                what="replay after restart",
+            )
             assert running.metric("kv_cache_engine_restarts_total", pod=pod) == 1
             pods = running.http.get("/v1/pods").json()["pods"]
             assert [(p["pod_id"], p["restarts"], p["replays"]) for p in pods] == [(pod, 1, 3)]
@@ -239,3 +243,56 @@ def test_sigterm_exits_cleanly_within_five_seconds() -> None:
     assert code == 0, logs
     assert elapsed < 5.0
     assert '"stopped"' in logs
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({"token_ids": [1, 2]}, 422),  # no model
+        ({"model": MODEL}, 400),  # no prompt at all
+        ({"model": MODEL, "token_ids": [1], "block_hashes": [1]}, 400),
+        ({"model": MODEL, "token_ids": [-1]}, 400),
+        ({"model": MODEL, "token_ids": [2**32]}, 400),
+        ({"model": MODEL, "token_ids": ["a"]}, 422),
+        ({"model": MODEL, "prompt": "hello"}, 422),  # no tokenizer configured
+        ({"model": MODEL, "token_ids": list(range(200_000))}, 413),
+    ],
+)
+def test_bad_rest_requests_get_4xx_naming_the_problem(
+    bound: Daemon, body: dict[str, object], status: int
+) -> None:
+    response = bound.http.post("/v1/locality", json=body)
+    assert response.status_code == status, response.text
+    assert response.json()["detail"]
+
+
+def test_bad_grpc_requests_get_invalid_argument_and_the_daemon_keeps_serving(
+    bound: Daemon,
+) -> None:
+    import grpc
+
+    from service.api.generated.kvcache.v1 import kvcache_pb2, kvcache_pb2_grpc
+
+    with grpc.insecure_channel(bound.grpc_target) as channel:
+        stub = kvcache_pb2_grpc.KVCacheServiceStub(channel)
+        cases = [
+            (kvcache_pb2.LocalityRequest(model=MODEL), grpc.StatusCode.INVALID_ARGUMENT),
+            (kvcache_pb2.LocalityRequest(token_ids=[1]), grpc.StatusCode.INVALID_ARGUMENT),
+            (
+                kvcache_pb2.LocalityRequest(model=MODEL, token_ids=list(range(200_000))),
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            ),
+            (
+                kvcache_pb2.LocalityRequest(model=MODEL, prompt="hi"),
+                grpc.StatusCode.FAILED_PRECONDITION,
+            ),
+        ]
+        for request, code in cases:
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.Locality(request, timeout=5)
+            assert raised.value.code() == code
+            assert raised.value.details()
+        answer = stub.Locality(
+            kvcache_pb2.LocalityRequest(model=MODEL, token_ids=PROMPT), timeout=5
+        )
+        assert answer.total_blocks == 4

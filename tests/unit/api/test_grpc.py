@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 
 from service.api.generated.indexer.v1 import indexer_pb2, indexer_pb2_grpc
 from service.api.generated.kvcache.v1 import kvcache_pb2, kvcache_pb2_grpc
@@ -74,9 +74,10 @@ async def feed(
 async def fed_queries(
     index: MemoryIndex | None = None, status: Status | None = None
 ) -> QueryService:
-    """A: all four blocks, the last two offloaded to CPU and gone from GPU (score 0.9).
-    B, rank 1: the first two blocks on GPU (score 0.5)."""
-    index = index or MemoryIndex()
+    """An index where pod A holds all four blocks of TOKENS, the last two moved from GPU to
+    CPU (score 0.9), and pod B's rank 1 the first two on GPU (score 0.5)."""
+    if index is None:
+        index = MemoryIndex()
     models = ModelRegistry(max_engine_hashes=1000)
     await feed(index, models, A, stored(HASHES, TOKENS))
     await feed(index, models, A, stored(HASHES[2:], medium="CPU"), removed(HASHES[2:]))
@@ -145,6 +146,18 @@ def test_block_hashes_resolve_through_the_hashes_seen_in_events() -> None:
         response = await stub.Locality(query(block_hashes=HASHES[:2]))
         assert (response.total_blocks, response.cache_hits) == (2, 2)
         assert pods_of(response) == [(A, 0, 2, 32, 2), (B, 1, 2, 32, 2)]
+
+    run_kvcache(test)
+
+
+def test_lora_name_and_cache_salt_reach_the_keys() -> None:
+    async def test(stub: KVCacheServiceAsyncStub) -> None:
+        for request in (
+            query(token_ids=TOKENS, lora_name="sql-adapter"),
+            query(token_ids=TOKENS, cache_salt="tenant-1"),
+        ):
+            response = await stub.Locality(request)
+            assert (response.total_blocks, len(response.pods)) == (4, 0)
 
     run_kvcache(test)
 
@@ -390,21 +403,34 @@ def test_get_pod_scores_splits_the_rank_from_the_pod_id_as_llm_d_does() -> None:
 # -- health, reflection, lifecycle ----------------------------------------------------------
 
 
-def test_health_follows_readiness() -> None:
-    async def statuses(stub: health_pb2_grpc.HealthStub) -> list[int]:
-        names = ("", *SERVICES)
-        requests = [health_pb2.HealthCheckRequest(service=name) for name in names]
-        return [(await stub.Check(request)).status for request in requests]
+# typeshed's HealthStub and ServerReflectionStub declare no typed methods: call by path.
 
+
+def health_check(
+    channel: grpc.aio.Channel,
+) -> grpc.aio.UnaryUnaryMultiCallable[
+    health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
+]:
+    return channel.unary_unary(
+        "/grpc.health.v1.Health/Check",
+        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    )
+
+
+def test_health_follows_readiness() -> None:
     async def main() -> None:
         status = Status(ready=False)
         async with serving(await fed_queries(status=status)) as (api, channel):
-            stub = health_pb2_grpc.HealthStub(channel)
-            assert await statuses(stub) == [health_pb2.HealthCheckResponse.NOT_SERVING] * 3
+            check = health_check(channel)
+            requests = [health_pb2.HealthCheckRequest(service=s) for s in ("", *SERVICES)]
+            statuses = [(await check(r)).status for r in requests]
+            assert statuses == [health_pb2.HealthCheckResponse.NOT_SERVING] * 3
             status.ready = True
             assert await api.refresh_health()
-            assert await statuses(stub) == [health_pb2.HealthCheckResponse.SERVING] * 3
-            unknown = stub.Check(health_pb2.HealthCheckRequest(service="nope.v1.Nope"))
+            statuses = [(await check(r)).status for r in requests]
+            assert statuses == [health_pb2.HealthCheckResponse.SERVING] * 3
+            unknown = check(health_pb2.HealthCheckRequest(service="nope.v1.Nope"))
             assert (await failure(unknown))[0] == grpc.StatusCode.NOT_FOUND
 
     asyncio.run(main())
@@ -413,12 +439,16 @@ def test_health_follows_readiness() -> None:
 def test_reflection_lists_and_describes_the_services() -> None:
     async def main() -> None:
         async with serving(await fed_queries()) as (_, channel):
-            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            reflect = channel.stream_stream(
+                "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+            )
             requests = [
                 reflection_pb2.ServerReflectionRequest(list_services=""),
                 reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICES[0]),
             ]
-            listed, described = [r async for r in stub.ServerReflectionInfo(iter(requests))]
+            listed, described = [r async for r in reflect(iter(requests))]
         names = {s.name for s in listed.list_services_response.service}
         assert names >= {
             *SERVICES,
