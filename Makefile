@@ -31,6 +31,8 @@ bench: $(STAMP)
 	$(BIN)/python -m loadtest.bench_decode
 	$(BIN)/python -m loadtest.bench_keys
 	$(BIN)/python -m loadtest.bench_index
+	$(BIN)/python -m loadtest.bench_ingest --memory
+	$(BIN)/python -m loadtest.bench_service
 
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py

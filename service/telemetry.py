@@ -35,8 +35,10 @@ class _IndexCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         stats = self.stats
-        blocks = GaugeMetricFamily(
-            "kv_cache_blocks_total", "Indexed (block, pod) entries", labels=["model"]
+        blocks = GaugeMetricFamily("kv_cache_blocks_total", "Indexed (block, pod) entries")
+        blocks.add_metric([], stats.entries if stats is not None else 0)
+        model_blocks = GaugeMetricFamily(
+            "kv_cache_model_blocks", "Indexed (block, pod) entries per model", labels=["model"]
         )
         evictions = CounterMetricFamily(
             "kv_cache_evictions", "Entries evicted from the index, by reason", labels=["reason"]
@@ -46,10 +48,11 @@ class _IndexCollector(Collector):
             for (model, _), count in stats.entries_by_pod.items():
                 by_model[model] = by_model.get(model, 0) + count
             for model, count in sorted(by_model.items()):
-                blocks.add_metric([model], count)
+                model_blocks.add_metric([model], count)
             for reason in EVICTION_REASONS:
                 evictions.add_metric([reason], stats.evictions.get(reason, 0))
         yield blocks
+        yield model_blocks
         yield evictions
 
     def describe(self) -> Iterable[Metric]:
@@ -68,6 +71,8 @@ class Metrics:
         self.events_received = Counter(
             "kv_cache_events_received", "Events decoded, by type", ["type"], registry=r
         )
+        for event_type in ("BlockStored", "BlockRemoved", "AllBlocksCleared"):
+            self.events_received.labels(event_type)
         self.batches_received = Counter(
             "kv_cache_batches_received", "Event batches received, by source", ["source"],
             registry=r,
@@ -124,6 +129,8 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        for api in ("rest", "grpc"):
+            self.query_duration.labels(api)
         self.query_blocks = Counter(
             "kv_cache_query_blocks", "Prompt blocks asked about in queries", registry=r
         )

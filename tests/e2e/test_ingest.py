@@ -296,3 +296,22 @@ def test_bad_grpc_requests_get_invalid_argument_and_the_daemon_keeps_serving(
             kvcache_pb2.LocalityRequest(model=MODEL, token_ids=PROMPT), timeout=5
         )
         assert answer.total_blocks == 4
+
+
+def test_contract_metrics_are_exported(bound: Daemon) -> None:
+    text = bound.http.get("/metrics").text
+    for name in (
+        "kv_cache_blocks_total",
+        "kv_cache_events_received_total",
+        "kv_cache_query_duration_seconds",
+        "kv_cache_hit_ratio",
+        "kv_cache_pods_tracked",
+        "kv_cache_event_decode_errors_total",
+        "kv_cache_sequence_gaps_total",
+        "kv_cache_replays_total",
+        "kv_cache_evictions_total",
+        "kv_cache_event_lag_seconds",
+        "kv_cache_hash_mismatches_total",
+    ):
+        assert f"\n{name}" in text or f"# TYPE {name.removesuffix('_total')}" in text, name
+    assert bound.metric("kv_cache_events_received_total", type="BlockStored") > 0
