@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint typecheck unit bench proto proto-check clean
+.PHONY: serve test lint typecheck unit bench proto proto-check manifests manifests-check image clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,16 @@ proto: $(STAMP)
 
 proto-check: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py --check
+
+manifests: $(STAMP)
+	$(BIN)/python scripts/render_manifests.py
+
+manifests-check: $(STAMP)
+	$(BIN)/python scripts/render_manifests.py --check
+
+IMAGE ?= kv-cache:dev
+image:
+	docker build -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

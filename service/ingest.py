@@ -88,6 +88,7 @@ class Ingestor:
         self._streams: dict[PodRank, _Stream] = {}
         self._replays: set[asyncio.Task[None]] = set()
         self._warned_topics: set[bytes] = set()
+        self._live_batches = metrics.batches_received.labels("live")
         self.ready = False
 
     # -- intake -------------------------------------------------------------------------
@@ -140,7 +141,7 @@ class Ingestor:
         rank = frame.source.rank
         if batch is not None and batch.data_parallel_rank is not None:
             rank = batch.data_parallel_rank
-        self._metrics.batches_received.labels("live").inc()
+        self._live_batches.inc()
         pod = PodRank(pod_id, rank)
         stream = self._streams.get(pod)
         if stream is None:
@@ -269,8 +270,12 @@ class Ingestor:
         model = self._models.get_or_add(stream.model)
         translation = model.translator.translate(batch.events)
         metrics = self._metrics
+        by_type: dict[str, int] = {}
         for event in batch.events:
-            metrics.events_received.labels(type(event).__name__).inc()
+            name = type(event).__name__
+            by_type[name] = by_type.get(name, 0) + 1
+        for name, count in by_type.items():
+            metrics.events_received.labels(name).inc(count)
         for reason, count in translation.skipped.items():
             metrics.decode_errors.labels(reason).inc(count)
         if translation.hash_checks:
