@@ -88,6 +88,8 @@ class Ingestor:
         self._streams: dict[PodRank, _Stream] = {}
         self._replays: set[asyncio.Task[None]] = set()
         self._warned_topics: set[bytes] = set()
+        # pod id -> when it was forgotten: frames it sent before then are stale.
+        self._forgotten: dict[str, float] = {}
         self._live_batches = metrics.batches_received.labels("live")
         self.ready = False
 
@@ -137,6 +139,12 @@ class Ingestor:
         if pod_id is None or model is None:
             self._unidentified(frame)
             return
+        forgotten_at = self._forgotten.get(pod_id)
+        if forgotten_at is not None:
+            if frame.received <= forgotten_at:
+                self._metrics.decode_errors.labels("pod_dropped").inc()
+                return
+            del self._forgotten[pod_id]
         batch = self._decode(frame.payload)
         rank = frame.source.rank
         if batch is not None and batch.data_parallel_rank is not None:
@@ -311,7 +319,11 @@ class Ingestor:
     # -- status -------------------------------------------------------------------------
 
     async def forget_pod(self, pod_id: str) -> None:
-        """Drop a pod: its streams and its entries (e.g. the pod was deleted)."""
+        """Drop a pod: its streams and its entries (e.g. the pod was deleted).
+
+        Frames it sent before now and still queued are dropped, so they cannot bring it back.
+        """
+        self._forgotten[pod_id] = time.time()
         for pod in [p for p in self._streams if p.pod_id == pod_id]:
             del self._streams[pod]
         await self._index.drop_pod(pod_id)

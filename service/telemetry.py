@@ -19,7 +19,7 @@ from service.index.translate import SKIP_REASONS
 __all__ = ["DROP_REASONS", "Metrics"]
 
 # Reasons a whole batch is dropped before its events are read.
-DROP_REASONS = ("unidentified", "queue_full", "replay_buffer_full", "bad_frame")
+DROP_REASONS = ("unidentified", "queue_full", "replay_buffer_full", "bad_frame", "pod_dropped")
 
 _LATENCY_BUCKETS = (
     50e-6, 100e-6, 200e-6, 300e-6, 500e-6, 750e-6,

@@ -50,6 +50,7 @@ class Replayer:
     async def fetch(self, endpoint: str, start_seq: int) -> list[ReplayedBatch]:
         socket = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.IPV6, 1)
         try:
             socket.connect(endpoint)
             await socket.send_multipart([b"", start_seq.to_bytes(8, "big")])

@@ -136,6 +136,7 @@ class Subscriber:
     def _socket(self) -> zmq.asyncio.Socket:
         socket = self._context.socket(zmq.SUB)
         socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.IPV6, 1)  # else a tcp://[::1] engine is never heard
         socket.setsockopt(zmq.SUBSCRIBE, self._topic)
         return socket
 
