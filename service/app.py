@@ -1,8 +1,9 @@
 """Composition root: builds every part from the settings, runs them, owns shutdown.
 
 One asyncio loop runs ZeroMQ ingestion, the REST server (uvicorn) and the gRPC server.
-Shutdown on SIGTERM/SIGINT, in order: stop taking queries (in-flight ones finish), stop
-receiving events, apply what is queued, stop background tasks; all within ``_STOP_SECONDS``.
+Shutdown on SIGTERM/SIGINT, in order: stop pod discovery, stop taking queries (in-flight
+ones finish), stop receiving events, apply what is queued, stop background tasks; all within
+``_STOP_SECONDS``.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from service.api.grpc_server import GrpcApi
 from service.api.query import LocalityAnswer, QueryService
 from service.api.rest import create_rest_app
 from service.config import Settings
+from service.discovery import PodWatcher
 from service.events.replay import Replayer
 from service.events.subscriber import PodEndpoint, Subscriber, offset_port
 from service.index.memory import MemoryIndex
 from service.ingest import Ingestor
 from service.logging import configure_logging
 from service.models import ModelRegistry
+from service.prompts import PromptEncoders
 from service.scoring import TierWeights
 from service.telemetry import Metrics
 
@@ -95,6 +98,16 @@ class Service:
             sink=self.ingestor.submit,
             on_bad_frame=self.ingestor.bad_frame,
         )
+        self.discovery = (
+            PodWatcher(
+                settings.discovery,
+                self.subscriber,
+                self.ingestor,
+                reserved=[pod.pod_id for pod in settings.zmq.pods],
+            )
+            if settings.discovery.enabled
+            else None
+        )
         weights = settings.scoring.tier_weights
         self.queries = QueryService(
             self.index,
@@ -103,6 +116,7 @@ class Service:
             max_tokens=settings.api.max_tokens,
             observe=self._observe_query,
             status=self.ingestor,
+            prompts=PromptEncoders(settings.models),
         )
         self.grpc = GrpcApi(self.queries, max_message_bytes=settings.api.max_body_bytes)
         rest = create_rest_app(
@@ -147,6 +161,8 @@ class Service:
             )
         self._tasks.append(asyncio.create_task(self.ingestor.run(), name="ingest"))
         self._tasks.append(asyncio.create_task(self._sweep_forever(), name="sweep"))
+        if self.discovery is not None:
+            self.discovery.start()
         grpc_port = await self.grpc.start(settings.grpc.host, settings.grpc.port)
         http_task = asyncio.create_task(self.http.serve(), name="http")
         while not self.http.started:
@@ -163,6 +179,7 @@ class Service:
             grpc=f"{settings.grpc.host}:{grpc_port}",
             zmq_bound=self.subscriber.bound,
             zmq_pods=[p.pod_id for p in settings.zmq.pods],
+            discovery=settings.discovery.enabled,
             index_backend=settings.index.backend,
         )
 
@@ -186,6 +203,8 @@ class Service:
 
     async def stop(self) -> None:
         """Ordered shutdown; safe to call after a failed start."""
+        if self.discovery is not None:
+            await self.discovery.stop()
         self.ingestor.ready = False
         with contextlib.suppress(Exception):
             await self.grpc.set_serving(False)

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import string
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -42,6 +43,7 @@ __all__ = [
     "ENV_PREFIX",
     "ApiSettings",
     "ConfigError",
+    "DiscoverySettings",
     "Duration",
     "GrpcSettings",
     "IndexSettings",
@@ -143,6 +145,36 @@ def _lower(value: object) -> object:
     return value.lower() if isinstance(value, str) else value
 
 
+_POD_ID_FIELDS: Final = frozenset({"ip", "name", "namespace", "port"})
+
+
+def _pod_id_template(value: str) -> str:
+    try:
+        fields = {field for _, field, _, _ in string.Formatter().parse(value) if field is not None}
+    except ValueError as error:
+        raise ValueError(f"invalid pod id template {value!r}: {error}") from None
+    if unknown := fields - _POD_ID_FIELDS:
+        raise ValueError(
+            f"invalid pod id template {value!r}: unknown field {sorted(unknown)[0]!r};"
+            " use {ip}, {name}, {namespace} and {port}"
+        )
+    if not fields & {"ip", "name"}:
+        raise ValueError(f"pod id template {value!r} names no pod; use {{ip}} or {{name}}")
+    return value
+
+
+def _none_if_empty(value: object) -> object:
+    # An env var cannot hold null: an empty value (or "none") turns an optional port off.
+    return None if isinstance(value, str) and value.strip().lower() in ("", "none") else value
+
+
+def _api_url(value: str | None) -> str | None:
+    parts = None if value is None else urlsplit(value)
+    if parts is not None and (parts.scheme not in ("http", "https") or not parts.netloc):
+        raise ValueError(f"invalid API server URL {value!r}; expected e.g. http://127.0.0.1:8001")
+    return value
+
+
 def _redis_url(value: str | None) -> str | None:
     if value is not None and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
         raise ValueError(f"invalid Redis URL {value!r}; expected redis://, rediss:// or unix://")
@@ -154,6 +186,7 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 ByteSize = Annotated[int, BeforeValidator(parse_byte_size)]
 Port = Annotated[int, Field(ge=0, le=65535)]
+RemotePort = Annotated[int, Field(ge=1, le=65535)]
 Count = Annotated[int, Field(ge=1)]
 Weight = Annotated[float, Field(ge=0.0, le=1.0)]
 Name = Annotated[str, Field(min_length=1)]
@@ -284,7 +317,48 @@ class ModelSettings(_Section):
     hash_seed: Annotated[str | None, BeforeValidator(_seed)] = None
     """``vllm`` mode: the engines' ``PYTHONHASHSEED``; unset means vLLM's default seed."""
     tokenizer: str | None = None
-    """Tokenizer for ``prompt``/``messages`` queries (name or path); default: the model's."""
+    """Tokenizer for ``prompt``/``messages`` queries: a ``tokenizer.json``, its directory, or
+    a hub id in the local Hugging Face cache; default: the model name, looked up the same way."""
+    chat_template: str | None = None
+    """A chat template file (jinja) to use instead of the tokenizer's (vLLM's
+    ``--chat-template``)."""
+    prefix_store_bytes: int = 64 * 1024 * 1024
+    """Bound of the store of tokenised prompt prefixes (a byte size); 0 turns it off."""
+
+    @field_validator("prefix_store_bytes", mode="before")
+    @classmethod
+    def _store_size(cls, value: object) -> object:
+        return 0 if value in (0, "0") and not isinstance(value, bool) else parse_byte_size(value)
+
+
+class DiscoverySettings(_Section):
+    """Kubernetes pod discovery: connect mode to every Ready pod the label selector matches."""
+
+    enabled: bool = False
+    """Watch pods through the Kubernetes API and subscribe to each Ready one."""
+    namespace: Name | None = None
+    """Namespace watched; unset: the service's own (service account), else ``default``."""
+    label_selector: str = "app=vllm"
+    """Which pods are vLLM engines, e.g. ``app=vllm,tier=gpu``."""
+    pod_id_template: Annotated[str, AfterValidator(_pod_id_template)] = "{ip}:{port}"
+    """A pod's id in answers, from ``{ip}``, ``{name}``, ``{namespace}`` and ``{port}``."""
+    http_port: RemotePort = 8000
+    """The engines' HTTP port: ``{port}`` in ``pod_id_template``."""
+    event_port: RemotePort = 5557
+    """The engines' PUB port; DP rank r publishes on this port + r."""
+    replay_port: Annotated[RemotePort | None, BeforeValidator(_none_if_empty)] = 5558
+    """The engines' ROUTER replay port (rank r on port + r); unset: no replay."""
+    model_annotation: Name = "kv-cache/model"
+    """Annotation (or label) naming a pod's model, for topics that name none."""
+    dp_size_annotation: Name = "kv-cache/data-parallel-size"
+    """Annotation giving a pod's data-parallel size; absent: 1."""
+    not_ready_grace: Duration = 30.0
+    """A subscribed pod not Ready this long is dropped (unsubscribed, entries removed)."""
+    api_url: Annotated[str | None, AfterValidator(_api_url)] = None
+    """Kubernetes API server URL, used without credentials (``kubectl proxy``, tests);
+    unset: in-cluster config, else the kubeconfig (``KUBECONFIG``, ``~/.kube/config``)."""
+    resync_backoff_max: Duration = 30.0
+    """Longest wait before retrying a failed list or watch."""
 
 
 class LoggingSettings(_Section):
@@ -304,6 +378,7 @@ class Settings(_Section):
     redis: RedisSettings = RedisSettings()
     scoring: ScoringSettings = ScoringSettings()
     models: tuple[ModelSettings, ...] = ()
+    discovery: DiscoverySettings = DiscoverySettings()
     logging: LoggingSettings = LoggingSettings()
 
     @field_validator("models")
