@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from service.errors import InvalidQuery, NotSupported, QueryTooLarge
 from service.index.protocol import BlockIndex, PodRank
 from service.models import ModelRegistry
+from service.prompts import PromptEncoders
 from service.scoring import Locality, TierWeights, score_matches
 from service.status import ModelStatus, PodStatus, Readiness, StatusSource
 
@@ -29,7 +30,11 @@ _U64 = 1 << 64
 
 @dataclass(frozen=True, slots=True)
 class LocalityQuery:
-    """One prompt to score. Exactly one of token_ids, block_hashes, prompt, messages."""
+    """One prompt to score. Exactly one of token_ids, block_hashes, prompt, messages.
+
+    ``prompt`` is tokenised as vLLM's ``/v1/completions`` does, ``messages`` (with the
+    optional OpenAI-style ``tools``) rendered and tokenised as ``/v1/chat/completions``.
+    """
 
     model: str
     token_ids: Sequence[int] | None = None
@@ -39,6 +44,7 @@ class LocalityQuery:
     lora_name: str | None = None
     cache_salt: str | None = None
     pods: Sequence[str] | None = None
+    tools: Sequence[Mapping[str, object]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +73,10 @@ def parse_pod_label(label: str) -> tuple[str, int | None]:
 
 
 class QueryService:
-    """Answers locality and score queries against the index."""
+    """Answers locality and score queries against the index.
+
+    Without ``prompts``, ``prompt`` and ``messages`` queries are ``NotSupported``.
+    """
 
     def __init__(
         self,
@@ -78,6 +87,7 @@ class QueryService:
         max_tokens: int,
         observe: Callable[[str, float, LocalityAnswer | None], None] | None = None,
         status: StatusSource | None = None,
+        prompts: PromptEncoders | None = None,
     ) -> None:
         self._index = index
         self._models = models
@@ -85,6 +95,7 @@ class QueryService:
         self._max_tokens = max_tokens
         self._observe = observe
         self._status = status
+        self._prompts = prompts
 
     async def pods(self) -> list[PodStatus]:
         """What ``/v1/pods`` lists: every (pod, rank) stream seen, per model."""
@@ -122,27 +133,28 @@ class QueryService:
                 "give exactly one of token_ids, block_hashes, prompt or messages"
                 + (f" (got {', '.join(given)})" if given else "")
             )
-        keying = self._models.get(query.model)
+        if query.tools is not None and query.messages is None:
+            raise InvalidQuery("tools apply to messages only")
+        token_ids = query.token_ids
         if query.prompt is not None or query.messages is not None:
-            raise NotSupported(
-                f"model {query.model!r} has no tokenizer configured (models[].tokenizer);"
-                " send token_ids instead"
-            )
+            token_ids = await self._tokenise(query)
+        keying = self._models.get(query.model)
         keys: list[int] = []
-        if query.token_ids is not None:
-            if len(query.token_ids) > self._max_tokens:
+        if token_ids is not None:
+            if len(token_ids) > self._max_tokens:
+                what = "token ids" if query.token_ids is not None else "tokens in the prompt"
                 raise QueryTooLarge(
-                    f"{len(query.token_ids)} token ids exceed api.max_tokens ({self._max_tokens})"
+                    f"{len(token_ids)} {what} exceed api.max_tokens ({self._max_tokens})"
                 )
             if keying is not None:
                 try:
                     keys = keying.translator.query_keys(
-                        query.token_ids, lora_name=query.lora_name, cache_salt=query.cache_salt
+                        token_ids, lora_name=query.lora_name, cache_salt=query.cache_salt
                     )
                 except ValueError as error:
                     raise InvalidQuery(f"token_ids: {error}") from None
-            else:
-                _check_token_ids(query.token_ids)
+            elif query.token_ids is not None:  # a tokenizer's ids need no checking
+                _check_token_ids(token_ids)
         elif query.block_hashes is not None:
             if query.lora_name is not None or query.cache_salt is not None:
                 raise InvalidQuery(
@@ -171,6 +183,19 @@ class QueryService:
         locality = score_matches(matches, total_blocks, self._weights, candidates)
         block_size = keying.translator.block_size if keying is not None else None
         return LocalityAnswer(query.model, block_size, locality)
+
+    async def _tokenise(self, query: LocalityQuery) -> Sequence[int]:
+        """The token ids of a ``prompt`` or ``messages`` query, as the engine will see them."""
+        if self._prompts is None:
+            raise NotSupported(
+                f"model {query.model!r} has no tokenizer configured (models[].tokenizer);"
+                " send token_ids instead"
+            )
+        encoder = await self._prompts.get(query.model)
+        if query.prompt is not None:
+            return await encoder.prompt_ids(query.prompt)
+        assert query.messages is not None
+        return await encoder.chat_ids(query.messages, query.tools)
 
 
 def _check_token_ids(token_ids: Sequence[int]) -> None:
