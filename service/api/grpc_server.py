@@ -14,6 +14,7 @@ from typing import Any, Final, TypeAlias
 
 import grpc
 import structlog
+from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -85,6 +86,7 @@ def _locality_query(request: kvcache_pb2.LocalityRequest) -> LocalityQuery:
         block_hashes=request.block_hashes or None,
         prompt=request.prompt if request.HasField("prompt") else None,
         messages=[{"role": m.role, "content": m.content} for m in request.messages] or None,
+        tools=[json_format.MessageToDict(tool) for tool in request.tools] or None,
         lora_name=request.lora_name if request.HasField("lora_name") else None,
         cache_salt=request.cache_salt if request.HasField("cache_salt") else None,
         pods=list(request.pods) or None,

@@ -196,6 +196,7 @@ async def _read_query(request: Request) -> LocalityQuery:
         block_hashes=body.block_hashes,
         prompt=body.prompt,
         messages=body.messages,
+        tools=body.tools,
         lora_name=body.lora_name,
         cache_salt=body.cache_salt,
         pods=body.pods,

@@ -65,6 +65,9 @@ class LocalityRequest(BaseModel):
     messages: list[_ChatMessage] | None = Field(
         None, description="Chat messages, rendered with the model's chat template."
     )
+    tools: list[dict[str, Any]] | None = Field(
+        None, description="OpenAI-style tools, passed to the chat template with `messages`."
+    )
     lora_name: str | None = Field(None, description="LoRA adapter the prompt runs with.")
     cache_salt: str | None = Field(None, description="vLLM cache_salt of the request.")
     pods: list[str] | None = Field(

@@ -18,6 +18,7 @@ import grpc
 import httpx
 import prometheus_client
 import pytest
+from google.protobuf.struct_pb2 import Struct
 from tokenizers import Tokenizer
 
 from service.api.generated.indexer.v1 import indexer_pb2, indexer_pb2_grpc
@@ -273,5 +274,39 @@ def test_grpc_bad_text_queries_get_status_codes_with_the_reason(model_dir: Path)
                     await stub.Locality(request)
                 assert caught.value.code() == code
                 assert detail in (caught.value.details() or "")
+
+    asyncio.run(main())
+
+
+TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}},
+}
+
+
+def test_tools_reach_the_chat_template_over_rest_and_grpc(model_dir: Path) -> None:
+    # The template renders tools first, so the chat with tools is another prompt: pod C,
+    # which holds the chat rendered without tools, no longer holds its whole prefix.
+    async def scenario(http: httpx.AsyncClient, setup: Setup) -> None:
+        _, plain = await post(http, "/v1/score", {"messages": MESSAGES})
+        _, with_tools = await post(http, "/v1/score", {"messages": MESSAGES, "tools": [TOOL]})
+        assert plain["scores"] == {C: 1.0}
+        assert with_tools["scores"].get(C, 0.0) < 1.0
+
+    rest(model_dir, scenario)
+
+    async def main() -> None:
+        async with channel(model_dir) as (opened, _):
+            stub = kvcache_pb2_grpc.KVCacheServiceStub(opened)
+            tool = Struct()
+            tool.update(TOOL)
+            plain = await stub.Score(
+                kvcache_pb2.LocalityRequest(model=MODEL, messages=grpc_messages())
+            )
+            with_tools = await stub.Score(
+                kvcache_pb2.LocalityRequest(model=MODEL, messages=grpc_messages(), tools=[tool])
+            )
+            assert dict(plain.scores) == {C: 1.0}
+            assert dict(with_tools.scores).get(C, 0.0) < 1.0
 
     asyncio.run(main())

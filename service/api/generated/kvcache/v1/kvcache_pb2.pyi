@@ -13,6 +13,7 @@ Regenerate the Python code with `make proto` (scripts/gen_proto.py); CI diffs it
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
@@ -44,6 +45,7 @@ class LocalityRequest(_message.Message):
     LORA_NAME_FIELD_NUMBER: _builtins.int
     CACHE_SALT_FIELD_NUMBER: _builtins.int
     PODS_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The served model name, as in the events' topic (`kv@<pod>@<model>`). Required."""
     prompt: _builtins.str
@@ -73,6 +75,10 @@ class LocalityRequest(_message.Message):
         something (or rank 0). Empty: no restriction.
         """
 
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[_struct_pb2.Struct]:
+        """OpenAI-style tools for the chat template; with messages only."""
+
     def __init__(
         self,
         *,
@@ -84,10 +90,11 @@ class LocalityRequest(_message.Message):
         lora_name: _builtins.str | None = ...,
         cache_salt: _builtins.str | None = ...,
         pods: _abc.Iterable[_builtins.str] | None = ...,
+        tools: _abc.Iterable[_struct_pb2.Struct] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_cache_salt", b"_cache_salt", "_lora_name", b"_lora_name", "_prompt", b"_prompt", "cache_salt", b"cache_salt", "lora_name", b"lora_name", "prompt", b"prompt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache_salt", b"_cache_salt", "_lora_name", b"_lora_name", "_prompt", b"_prompt", "block_hashes", b"block_hashes", "cache_salt", b"cache_salt", "lora_name", b"lora_name", "messages", b"messages", "model", b"model", "pods", b"pods", "prompt", b"prompt", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache_salt", b"_cache_salt", "_lora_name", b"_lora_name", "_prompt", b"_prompt", "block_hashes", b"block_hashes", "cache_salt", b"cache_salt", "lora_name", b"lora_name", "messages", b"messages", "model", b"model", "pods", b"pods", "prompt", b"prompt", "token_ids", b"token_ids", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cache_salt: _TypeAlias = _typing.Literal["cache_salt"]  # noqa: Y015
     _WhichOneofArgType__cache_salt: _TypeAlias = _typing.Literal["_cache_salt", b"_cache_salt"]  # noqa: Y015
@@ -106,7 +113,7 @@ Global___LocalityRequest: _TypeAlias = LocalityRequest  # noqa: Y015
 
 @_typing.final
 class ChatMessage(_message.Message):
-    """One chat turn."""
+    """One chat turn (text content; multi-part content is REST-only)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
