@@ -33,7 +33,7 @@ from service.prompts import PromptEncoders
 from service.scoring import TierWeights
 from service.telemetry import Metrics
 
-__all__ = ["Service", "run"]
+__all__ = ["Service", "StartupError", "run"]
 
 log = structlog.get_logger("kv_cache.app")
 
@@ -50,7 +50,16 @@ def run(settings: Settings) -> int:
         # Built inside the loop: grpc.aio and zmq.asyncio bind to the running loop.
         return await Service(settings).serve()
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    except (StartupError, OSError, zmq.ZMQError) as error:
+        # A port in use, an endpoint that cannot bind, a backend not built: say so plainly.
+        log.error("cannot start", error=str(error))
+        return 1
+
+
+class StartupError(Exception):
+    """The settings ask for something this build cannot run."""
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -68,7 +77,9 @@ class Service:
         self.settings = settings
         self.metrics = Metrics()
         if settings.index.backend != "memory":
-            raise NotImplementedError(f"index.backend {settings.index.backend!r} is not built yet")
+            raise StartupError(
+                f"index.backend {settings.index.backend!r} is not built yet; use 'memory'"
+            )
         self.index = MemoryIndex(ttl=settings.index.ttl, max_entries=settings.index.max_size)
         self.models = ModelRegistry(settings.models, max_engine_hashes=settings.index.max_size)
         self._zmq = zmq.asyncio.Context()
