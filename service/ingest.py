@@ -34,6 +34,8 @@ __all__ = ["Ingestor", "parse_topic"]
 log = structlog.get_logger("kv_cache.ingest")
 
 _SLICE_SECONDS = 0.0005
+_MAX_SLICE_SECONDS = 0.005
+_BEHIND_SECONDS = 0.002
 _MAX_PENDING = 10_000
 
 
@@ -106,16 +108,28 @@ class Ingestor:
         self._metrics.decode_errors.labels(reason).inc()
 
     async def run(self) -> None:
-        """Consume the queue until cancelled."""
+        """Consume the queue until cancelled.
+
+        Work goes in slices of ``_SLICE_SECONDS`` between which queries run; while the
+        oldest waiting frame is older than ``_BEHIND_SECONDS`` a slice may stretch to
+        ``_MAX_SLICE_SECONDS``, so a stream of queries cannot starve ingestion.
+        """
         queue = self._queue
         while True:
             frame = await queue.get()
-            slice_end = time.perf_counter() + _SLICE_SECONDS
+            start = time.perf_counter()
+            soft_end, hard_end = start + _SLICE_SECONDS, start + _MAX_SLICE_SECONDS
             while True:
                 await self._live(frame)
-                if queue.empty() or time.perf_counter() > slice_end:
+                if queue.empty():
+                    break
+                now = time.perf_counter()
+                if now > hard_end:
                     break
                 frame = queue.get_nowait()
+                if now > soft_end and time.time() - frame.received < _BEHIND_SECONDS:
+                    await self._live(frame)
+                    break
             self._metrics.queue_depth.set(queue.qsize())
             await asyncio.sleep(0)
 

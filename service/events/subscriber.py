@@ -22,6 +22,8 @@ __all__ = ["Frame", "PodEndpoint", "Source", "Subscriber", "offset_port"]
 
 log = structlog.get_logger("kv_cache.subscriber")
 
+_DRAIN_MAX = 256
+
 
 @dataclass(frozen=True, slots=True)
 class Source:
@@ -147,15 +149,20 @@ class Subscriber:
     async def _read(self, socket: zmq.asyncio.Socket, source: Source) -> None:
         try:
             while True:
-                frames = await socket.recv_multipart()
-                if len(frames) != 3:
-                    self._on_bad_frame("bad_frame")
-                    continue
-                topic, seq, payload = frames
-                if len(seq) != 8:
-                    self._on_bad_frame("bad_frame")
-                    continue
-                frame = Frame(source, topic, int.from_bytes(seq, "big"), payload, time.time())
-                self._sink(frame)
+                self._accept(await socket.recv_multipart(), source)
+                # Take what else is already waiting without a loop wake-up per frame.
+                for _ in range(_DRAIN_MAX):
+                    try:
+                        frames = await socket.recv_multipart(flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._accept(frames, source)
         finally:
             socket.close(linger=0)
+
+    def _accept(self, frames: list[bytes], source: Source) -> None:
+        if len(frames) != 3 or len(frames[1]) != 8:
+            self._on_bad_frame("bad_frame")
+            return
+        topic, seq, payload = frames
+        self._sink(Frame(source, topic, int.from_bytes(seq, "big"), payload, time.time()))
