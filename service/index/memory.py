@@ -24,7 +24,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
-from itertools import accumulate, repeat
+from itertools import accumulate
 from operator import and_, or_
 from time import monotonic
 
@@ -45,6 +45,10 @@ __all__ = ["TTL_GENERATIONS", "MemoryIndex"]
 TTL_GENERATIONS = 8
 """Generations per TTL: the TTL's resolution is ``ttl / TTL_GENERATIONS``."""
 
+# Keys spread over many small dicts: a dict grows, and under churn rebuilds itself, in one
+# go; one 1M-entry dict stalls the event loop ~60 ms each time, 64 smaller ones ~1 ms.
+_BUCKETS = 64
+_BUCKET_MASK = _BUCKETS - 1
 _FIELD = 0xFF
 _HELD = 0x01
 _TIERS = 0x0E
@@ -87,7 +91,7 @@ class _Shard:
     )
 
     def __init__(self) -> None:
-        self.holders: dict[int, int] = {}
+        self.holders: list[dict[int, int]] = [{} for _ in range(_BUCKETS)]
         self.slot_of: dict[PodRank, int] = {}
         self.pod_of: dict[int, PodRank] = {}
         self.count: dict[int, int] = {}
@@ -187,29 +191,23 @@ class MemoryIndex:
         shift = 8 * slot
         gen_bits = (now_gen % _GEN_MOD) << _GEN_SHIFT
         fresh = (_HELD | _tier_bit(tier) | gen_bits) << shift
+        tier_bit = _tier_bit(tier)
         log = self._log_for(shard, slot, now_gen)
-        if holders.keys().isdisjoint(keys):
-            # Fast path: no pod holds any of these blocks yet (the common case for new text).
-            before = len(holders)
-            holders.update(zip(keys, repeat(fresh)))
-            added = len(holders) - before
-            log.extend(keys)
-        else:
-            added = 0
-            tier_bit = _tier_bit(tier)
-            for key in keys:
-                value = holders.get(key, 0)
-                old = (value >> shift) & _FIELD
-                if not old & _HELD:
-                    holders[key] = value | fresh
-                    added += 1
+        added = 0
+        for key in keys:
+            bucket = holders[key & _BUCKET_MASK]
+            value = bucket.get(key, 0)
+            old = (value >> shift) & _FIELD
+            if not old & _HELD:
+                bucket[key] = value | fresh
+                added += 1
+                log.append(key)
+                continue
+            new = (old & _TIERS) | tier_bit | _HELD | gen_bits
+            if new != old:
+                bucket[key] = value ^ ((old ^ new) << shift)
+                if (old ^ new) >> _GEN_SHIFT:
                     log.append(key)
-                    continue
-                new = (old & _TIERS) | tier_bit | _HELD | gen_bits
-                if new != old:
-                    holders[key] = value ^ ((old ^ new) << shift)
-                    if (old ^ new) >> _GEN_SHIFT:
-                        log.append(key)
         shard.count[slot] += added
         self._entries += added
 
@@ -219,7 +217,8 @@ class MemoryIndex:
         tier_bit = _tier_bit(tier)
         removed = 0
         for key in keys:
-            value = holders.get(key)
+            bucket = holders[key & _BUCKET_MASK]
+            value = bucket.get(key)
             if value is None:
                 continue
             old = (value >> shift) & _FIELD
@@ -231,9 +230,9 @@ class MemoryIndex:
                 removed += 1
             value ^= (old ^ new) << shift
             if value:
-                holders[key] = value
+                bucket[key] = value
             else:
-                del holders[key]
+                del bucket[key]
         shard.count[slot] -= removed
         self._entries -= removed
         self._evictions["removed"] += removed
@@ -277,7 +276,7 @@ class MemoryIndex:
 
     @staticmethod
     def _is_empty(shard: _Shard) -> bool:
-        return not shard.holders and not shard.slot_of and not shard.wipe
+        return not any(shard.holders) and not shard.slot_of and not shard.wipe
 
     def _expire(self, shard: _Shard, now_gen: int, budget: int | None) -> int:
         """Replay the logs of generations older than the TTL; returns keys visited."""
@@ -328,16 +327,17 @@ class MemoryIndex:
             while index < stop:
                 key = keys[index]
                 index += 1
-                value = holders.get(key)
+                bucket = holders[key & _BUCKET_MASK]
+                value = bucket.get(key)
                 if value is None:
                     continue
                 old = (value >> shift) & _FIELD
                 if old & _HELD and old & _GEN == gen_bits:
                     value &= keep
                     if value:
-                        holders[key] = value
+                        bucket[key] = value
                     else:
-                        del holders[key]
+                        del bucket[key]
                     slot_evicted += 1
                     if slot_evicted == wanted:
                         break
@@ -361,14 +361,15 @@ class MemoryIndex:
             slot, keys = shard.wipe.popleft()
             mask = ~(_FIELD << (8 * slot))
             for key in keys:
-                value = holders.get(key)
+                bucket = holders[key & _BUCKET_MASK]
+                value = bucket.get(key)
                 if value is None:
                     continue
                 value &= mask
                 if value:
-                    holders[key] = value
+                    bucket[key] = value
                 else:
-                    del holders[key]
+                    del bucket[key]
             visited += len(keys)
             shard.wipe_pending[slot] -= 1
             if not shard.wipe_pending[slot]:
@@ -393,7 +394,8 @@ class MemoryIndex:
             slots = {shard.slot_of[p]: p for p in pods if p in shard.slot_of}
         if not slots:
             return []
-        values = list(map(shard.holders.get, keys, repeat(0)))
+        holders = shard.holders
+        values = [holders[key & _BUCKET_MASK].get(key, 0) for key in keys]
         # Fields are read from the raw values: a slot's held bit survives an AND of values
         # exactly while the slot holds every block so far, so running[i] tells who holds
         # blocks 0..i, and the bits of other fields never mix into it.
@@ -430,7 +432,7 @@ class MemoryIndex:
             for model, shard in self._shards.items()
             for pod, slot in shard.slot_of.items()
         }
-        keys = {model: len(shard.holders) for model, shard in self._shards.items()}
+        keys = {model: sum(map(len, shard.holders)) for model, shard in self._shards.items()}
         return IndexStats(self._entries, by_pod, keys, dict(self._evictions))
 
 

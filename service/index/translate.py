@@ -65,8 +65,7 @@ class EventTranslator:
         self.keyer = keyer
         self.block_size: int | None = None
         self._uses_engine_hashes = isinstance(keyer, VllmKeys)
-        self._keys: dict[EngineHash, int] = {}
-        self._max_keys = max_engine_hashes
+        self._keys = _EngineKeys(max_engine_hashes)
 
     @property
     def key_mode(self) -> str:
@@ -83,8 +82,6 @@ class EventTranslator:
                     result.ops.append(RemoveBlocks(keys, event.tier))
             elif isinstance(event, AllBlocksCleared):
                 result.ops.append(ClearPod())
-        if len(self._keys) > self._max_keys:
-            self._forget_oldest()
         return result
 
     def query_keys(
@@ -133,18 +130,17 @@ class EventTranslator:
             return
         parent: int | None = None
         if event.parent_block_hash is not None:
-            parent = self._keys.pop(event.parent_block_hash, None)
+            # A parent in use (a shared system prompt, say) counts as recently stored.
+            parent = self._keys.touch(event.parent_block_hash)
             if parent is None:
                 result.skip("unknown_parent")
                 return
-            # A parent in use (a shared system prompt, say) is kept as recently used.
-            self._keys[event.parent_block_hash] = parent
         try:
             keys = self._token_keys(event, parent)
         except ValueError:
             result.skip("bad_tokens")
             return
-        self._keys.update(zip(event.block_hashes, keys, strict=True))
+        self._keys.update(event.block_hashes, keys)
         result.ops.append(StoreBlocks(keys, event.tier))
 
     def _token_keys(self, event: BlockStored, parent: int | None) -> list[int]:
@@ -205,11 +201,44 @@ class EventTranslator:
             result.skip("unmapped")
         return keys
 
-    def _forget_oldest(self) -> None:
-        # Forget a slice at a time: deleting from the front of a dict is cheap in bulk.
-        excess = len(self._keys) - self._max_keys + max(1, self._max_keys // 100)
-        for engine_hash in list(islice(self._keys, excess)):
-            del self._keys[engine_hash]
+
+class _EngineKeys:
+    """Engine hash -> key in 64 dicts (one big dict stalls the loop when it resizes, see
+    memory.py), each holding at most its share of the bound and forgetting its oldest first."""
+
+    __slots__ = ("_limit", "_parts")
+
+    def __init__(self, bound: int) -> None:
+        self._parts: list[dict[EngineHash, int]] = [{} for _ in range(_PARTS)]
+        self._limit = max(1, bound // _PARTS)
+
+    def __len__(self) -> int:
+        return sum(map(len, self._parts))
+
+    def get(self, engine_hash: EngineHash) -> int | None:
+        return self._parts[engine_hash & _PART_MASK].get(engine_hash)
+
+    def touch(self, engine_hash: EngineHash) -> int | None:
+        """The key, now counted as the most recently stored."""
+        part = self._parts[engine_hash & _PART_MASK]
+        key = part.pop(engine_hash, None)
+        if key is not None:
+            part[engine_hash] = key
+        return key
+
+    def update(self, hashes: Sequence[EngineHash], keys: Sequence[int]) -> None:
+        parts, limit = self._parts, self._limit
+        for engine_hash, key in zip(hashes, keys, strict=True):
+            part = parts[engine_hash & _PART_MASK]
+            part[engine_hash] = key
+            if len(part) > limit:
+                # Forget a slice at a time: deleting from a dict's front is cheap in bulk.
+                for old in list(islice(part, max(1, limit // 100))):
+                    del part[old]
+
+
+_PARTS = 64
+_PART_MASK = _PARTS - 1
 
 
 def _salt_and_plainness(event: BlockStored, starts_prompt: bool) -> tuple[str | None, bool]:
