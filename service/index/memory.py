@@ -29,6 +29,7 @@ from operator import and_, or_
 from time import monotonic
 
 from service.events.model import Tier
+from service.index.buckets import ROUTE, new_buckets
 from service.index.protocol import (
     EVICTION_REASONS,
     ClearPod,
@@ -45,10 +46,6 @@ __all__ = ["TTL_GENERATIONS", "MemoryIndex"]
 TTL_GENERATIONS = 8
 """Generations per TTL: the TTL's resolution is ``ttl / TTL_GENERATIONS``."""
 
-# Keys spread over many small dicts: a dict grows, and under churn rebuilds itself, in one
-# go; one 1M-entry dict stalls the event loop ~60 ms each time, 64 smaller ones ~1 ms.
-_BUCKETS = 64
-_BUCKET_MASK = _BUCKETS - 1
 _FIELD = 0xFF
 _HELD = 0x01
 _TIERS = 0x0E
@@ -91,7 +88,7 @@ class _Shard:
     )
 
     def __init__(self) -> None:
-        self.holders: list[dict[int, int]] = [{} for _ in range(_BUCKETS)]
+        self.holders: list[dict[int, int]] = new_buckets()
         self.slot_of: dict[PodRank, int] = {}
         self.pod_of: dict[int, PodRank] = {}
         self.count: dict[int, int] = {}
@@ -195,7 +192,7 @@ class MemoryIndex:
         log = self._log_for(shard, slot, now_gen)
         added = 0
         for key in keys:
-            bucket = holders[key & _BUCKET_MASK]
+            bucket = holders[ROUTE[key & 0xFF]]
             value = bucket.get(key, 0)
             old = (value >> shift) & _FIELD
             if not old & _HELD:
@@ -217,7 +214,7 @@ class MemoryIndex:
         tier_bit = _tier_bit(tier)
         removed = 0
         for key in keys:
-            bucket = holders[key & _BUCKET_MASK]
+            bucket = holders[ROUTE[key & 0xFF]]
             value = bucket.get(key)
             if value is None:
                 continue
@@ -327,7 +324,7 @@ class MemoryIndex:
             while index < stop:
                 key = keys[index]
                 index += 1
-                bucket = holders[key & _BUCKET_MASK]
+                bucket = holders[ROUTE[key & 0xFF]]
                 value = bucket.get(key)
                 if value is None:
                     continue
@@ -361,7 +358,7 @@ class MemoryIndex:
             slot, keys = shard.wipe.popleft()
             mask = ~(_FIELD << (8 * slot))
             for key in keys:
-                bucket = holders[key & _BUCKET_MASK]
+                bucket = holders[ROUTE[key & 0xFF]]
                 value = bucket.get(key)
                 if value is None:
                     continue
@@ -395,7 +392,7 @@ class MemoryIndex:
         if not slots:
             return []
         holders = shard.holders
-        values = [holders[key & _BUCKET_MASK].get(key, 0) for key in keys]
+        values = [holders[ROUTE[key & 0xFF]].get(key, 0) for key in keys]
         # Fields are read from the raw values: a slot's held bit survives an AND of values
         # exactly while the slot holds every block so far, so running[i] tells who holds
         # blocks 0..i, and the bits of other fields never mix into it.

@@ -29,6 +29,7 @@ from service.events.model import (
     EngineHash,
     Event,
 )
+from service.index.buckets import ROUTE, SHARES, new_buckets
 from service.index.keys import BlockKeyer, HashCheck, VllmKeys
 from service.index.protocol import ClearPod, IndexOp, RemoveBlocks, StoreBlocks
 
@@ -203,42 +204,39 @@ class EventTranslator:
 
 
 class _EngineKeys:
-    """Engine hash -> key in 64 dicts (one big dict stalls the loop when it resizes, see
-    memory.py), each holding at most its share of the bound and forgetting its oldest first."""
+    """Engine hash -> key in 64 dicts (``service/index/buckets.py``: no long resize stalls),
+    each holding at most its share of the bound and forgetting its oldest first."""
 
-    __slots__ = ("_limit", "_parts")
+    __slots__ = ("_limits", "_parts")
 
     def __init__(self, bound: int) -> None:
-        self._parts: list[dict[EngineHash, int]] = [{} for _ in range(_PARTS)]
-        self._limit = max(1, bound // _PARTS)
+        self._parts: list[dict[EngineHash, int]] = new_buckets()
+        self._limits = [max(1, bound * share // 256) for share in SHARES]
 
     def __len__(self) -> int:
         return sum(map(len, self._parts))
 
     def get(self, engine_hash: EngineHash) -> int | None:
-        return self._parts[engine_hash & _PART_MASK].get(engine_hash)
+        return self._parts[ROUTE[engine_hash & 0xFF]].get(engine_hash)
 
     def touch(self, engine_hash: EngineHash) -> int | None:
         """The key, now counted as the most recently stored."""
-        part = self._parts[engine_hash & _PART_MASK]
+        part = self._parts[ROUTE[engine_hash & 0xFF]]
         key = part.pop(engine_hash, None)
         if key is not None:
             part[engine_hash] = key
         return key
 
     def update(self, hashes: Sequence[EngineHash], keys: Sequence[int]) -> None:
-        parts, limit = self._parts, self._limit
+        parts, limits = self._parts, self._limits
         for engine_hash, key in zip(hashes, keys, strict=True):
-            part = parts[engine_hash & _PART_MASK]
+            bucket = ROUTE[engine_hash & 0xFF]
+            part = parts[bucket]
             part[engine_hash] = key
-            if len(part) > limit:
+            if len(part) > limits[bucket]:
                 # Forget a slice at a time: deleting from a dict's front is cheap in bulk.
-                for old in list(islice(part, max(1, limit // 100))):
+                for old in list(islice(part, max(1, limits[bucket] // 100))):
                     del part[old]
-
-
-_PARTS = 64
-_PART_MASK = _PARTS - 1
 
 
 def _salt_and_plainness(event: BlockStored, starts_prompt: bool) -> tuple[str | None, bool]:
