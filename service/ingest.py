@@ -34,8 +34,8 @@ __all__ = ["Ingestor", "parse_topic"]
 log = structlog.get_logger("kv_cache.ingest")
 
 _SLICE_SECONDS = 0.0005
-_MAX_SLICE_SECONDS = 0.005
-_BEHIND_SECONDS = 0.002
+_MAX_SLICE_SECONDS = 0.002
+_BEHIND_SECONDS = 0.005
 _MAX_PENDING = 10_000
 
 
