@@ -141,18 +141,21 @@ def _tool_calls(tool_calls: object, where: str) -> list[dict[str, Any]]:
         function = call.get("function") if isinstance(call, Mapping) else None
         if not isinstance(call, Mapping) or not isinstance(function, Mapping):
             raise InvalidQuery(f"{where}[{index}] must be an object with a 'function' object")
-        rebuilt = copy.deepcopy(dict(call))
-        arguments = function.get("arguments")
-        if isinstance(arguments, str):
-            # Templates expect arguments as a dict; vLLM parses them, {} when not JSON.
-            try:
-                parsed: object = json.loads(arguments)
-            except json.JSONDecodeError:
+        try:
+            rebuilt = copy.deepcopy(dict(call))
+            arguments = function.get("arguments")
+            if isinstance(arguments, str):
+                # Templates expect arguments as a dict; vLLM parses them, {} when not JSON.
+                try:
+                    parsed: object = json.loads(arguments)
+                except json.JSONDecodeError:
+                    parsed = {}
+            elif isinstance(arguments, dict | list):
+                parsed = copy.deepcopy(arguments)
+            else:
                 parsed = {}
-        elif isinstance(arguments, dict | list):
-            parsed = copy.deepcopy(arguments)
-        else:
-            parsed = {}
-        rebuilt["function"] = {**copy.deepcopy(dict(function)), "arguments": parsed}
+            rebuilt["function"] = {**copy.deepcopy(dict(function)), "arguments": parsed}
+        except RecursionError:
+            raise InvalidQuery(f"{where}[{index}] is nested too deeply") from None
         calls.append(rebuilt)
     return calls

@@ -207,6 +207,16 @@ def test_named_templates_pick_tool_use_when_tools_are_given() -> None:
             "'image_url' is not supported",
         ),
         ([{"role": "assistant", "tool_calls": [{"id": "x"}]}], InvalidQuery, "'function'"),
+        (
+            [
+                {
+                    "role": "assistant",
+                    "tool_calls": [{"function": {"name": "f", "arguments": "[" * 50_000}}],
+                }
+            ],
+            InvalidQuery,
+            "nested too deeply",
+        ),
     ],
 )
 def test_malformed_messages_say_what_is_wrong(
