@@ -171,8 +171,12 @@ class Service:
                     pod.data_parallel_size,
                 )
             )
-        self._tasks.append(asyncio.create_task(self.ingestor.run(), name="ingest"))
-        self._tasks.append(asyncio.create_task(self._sweep_forever(), name="sweep"))
+        for task in (
+            asyncio.create_task(self.ingestor.run(), name="ingest"),
+            asyncio.create_task(self._sweep_forever(), name="sweep"),
+        ):
+            task.add_done_callback(self._task_ended)
+            self._tasks.append(task)
         if self.discovery is not None:
             self.discovery.start()
         grpc_port = await self.grpc.start(settings.grpc.host, settings.grpc.port)
@@ -198,6 +202,14 @@ class Service:
             discovery=settings.discovery.enabled,
             index_backend=settings.index.backend,
         )
+
+    def _task_ended(self, task: asyncio.Task[None]) -> None:
+        """A background task should only end at shutdown; if one dies, say so and stop
+        reporting ready, rather than serve an index that silently stopped changing."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("background task failed", task=task.get_name(), error=repr(task.exception()))
+        self.ingestor.failure = f"background task {task.get_name()!r} failed; see the log"
 
     @property
     def http_port(self) -> int:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from service.events.model import EventBatch
-from service.events.replay import Replayer, ReplayError
+from service.events.replay import ReplayedBatch, Replayer, ReplayError
 from service.events.subscriber import Frame
 from service.events.vllm import DecodeError, decode_batch
 from service.index.protocol import BlockIndex, ClearPod, PodRank
@@ -94,6 +94,7 @@ class Ingestor:
         self._forgotten: dict[str, float] = {}
         self._live_batches = metrics.batches_received.labels("live")
         self.ready = False
+        self.failure: str | None = None  # set when a background part died
 
     # -- intake -------------------------------------------------------------------------
 
@@ -120,7 +121,7 @@ class Ingestor:
             start = time.perf_counter()
             soft_end, hard_end = start + _SLICE_SECONDS, start + _MAX_SLICE_SECONDS
             while True:
-                await self._live(frame)
+                await self._live_guarded(frame)
                 if queue.empty():
                     break
                 now = time.perf_counter()
@@ -128,16 +129,24 @@ class Ingestor:
                     break
                 frame = queue.get_nowait()
                 if now > soft_end and time.time() - frame.received < _BEHIND_SECONDS:
-                    await self._live(frame)
+                    await self._live_guarded(frame)
                     break
             self._metrics.queue_depth.set(queue.qsize())
             await asyncio.sleep(0)
+
+    async def _live_guarded(self, frame: Frame) -> None:
+        # A bug or a backend failure on one frame must not stop ingestion for good.
+        try:
+            await self._live(frame)
+        except Exception:
+            self._metrics.decode_errors.labels("internal_error").inc()
+            log.exception("frame not applied", topic=frame.topic.decode("utf-8", "replace"))
 
     async def drain(self, seconds: float) -> None:
         """Apply what is queued (at shutdown), for at most ``seconds``."""
         deadline = time.monotonic() + seconds
         while not self._queue.empty() and time.monotonic() < deadline:
-            await self._live(self._queue.get_nowait())
+            await self._live_guarded(self._queue.get_nowait())
 
     async def close(self) -> None:
         for task in list(self._replays):
@@ -170,7 +179,12 @@ class Ingestor:
             stream = self._streams[pod] = _Stream(pod, model)
             self._metrics.pods_tracked.set(len(self._streams))
             log.info("pod seen", pod=str(pod), model=model, seq=frame.seq)
-        stream.model = model
+        if stream.model != model:
+            # The pod now serves another model (an IP reused by a new engine): what it held
+            # for the old one is gone.
+            log.warning("pod changed model", pod=str(pod), old=stream.model, new=model)
+            await self._index.apply(stream.model, pod, [ClearPod()])
+            stream.model = model
         stream.last_time = frame.received
         if stream.replaying:
             self._hold(stream, frame.seq, batch)
@@ -179,7 +193,13 @@ class Ingestor:
         await self._sequence(stream, frame.seq, batch, replay_endpoint)
 
     async def _sequence(
-        self, stream: _Stream, seq: int, batch: EventBatch | None, replay_endpoint: str | None
+        self,
+        stream: _Stream,
+        seq: int,
+        batch: EventBatch | None,
+        replay_endpoint: str | None,
+        *,
+        gap_counted: bool = False,
     ) -> None:
         can_replay = replay_endpoint is not None and self._replayer is not None
         last = stream.last_seq
@@ -188,9 +208,10 @@ class Ingestor:
                 assert replay_endpoint is not None
                 return self._start_replay(stream, replay_endpoint, 0, seq, batch)
         elif seq > last + 1:
-            stream.gaps += 1
-            self._metrics.sequence_gaps.labels(stream.pod.pod_id).inc()
-            log.warning("sequence gap", pod=str(stream.pod), expected=last + 1, got=seq)
+            if not gap_counted:
+                stream.gaps += 1
+                self._metrics.sequence_gaps.labels(stream.pod.pod_id).inc()
+                log.warning("sequence gap", pod=str(stream.pod), expected=last + 1, got=seq)
             if can_replay:
                 assert replay_endpoint is not None
                 return self._start_replay(stream, replay_endpoint, last + 1, seq, batch)
@@ -224,7 +245,22 @@ class Ingestor:
     async def _replay(self, stream: _Stream, endpoint: str, start: int) -> None:
         log.info("replay started", pod=str(stream.pod), endpoint=endpoint, from_seq=start)
         began = time.perf_counter()
+        try:
+            applied = await self._apply_replay(stream, await self._fetch(stream, endpoint, start))
+        finally:
+            stream.replaying = False
+        log.info(
+            "replay done",
+            pod=str(stream.pod),
+            from_seq=start,
+            applied=applied,
+            last_seq=stream.last_seq,
+            seconds=round(time.perf_counter() - began, 4),
+        )
+
+    async def _fetch(self, stream: _Stream, endpoint: str, start: int) -> list[ReplayedBatch]:
         assert self._replayer is not None
+        began = time.perf_counter()
         try:
             async with self._replay_slots:
                 replayed = await self._replayer.fetch(endpoint, start)
@@ -235,31 +271,48 @@ class Ingestor:
         else:
             self._metrics.replays.labels("ok").inc()
         self._metrics.replay_duration.observe(time.perf_counter() - began)
+        return replayed
+
+    async def _apply_replay(self, stream: _Stream, replayed: list[ReplayedBatch]) -> int:
+        """Applies replayed batches, then the live frames held meanwhile; returns how many
+        replayed batches applied. Yields to the loop between slices, as ``run`` does, and
+        stops if the pod was forgotten meanwhile."""
         applied = 0
+        slice_end = time.perf_counter() + _SLICE_SECONDS
         for item in replayed:
+            if self._streams.get(stream.pod) is not stream:
+                return applied
             last = stream.last_seq
             if last is not None and item.seq <= last:
                 continue
             if last is not None and item.seq > last + 1:
                 self._lose(stream, item.seq - last - 1)
             self._metrics.batches_received.labels("replay").inc()
-            await self._apply(stream, item.seq, self._decode(item.payload))
+            await self._apply(stream, item.seq, self._decode(item.payload), live=False)
             applied += 1
-        # Live frames held meanwhile apply in order; a gap left among them is a loss now.
+            if time.perf_counter() > slice_end:
+                await asyncio.sleep(0)
+                slice_end = time.perf_counter() + _SLICE_SECONDS
+        # Live frames held meanwhile apply in order. The first is the one that started the
+        # replay: a gap still left before it was counted then, and is a loss now. A frame
+        # numbered below the one before it is an engine restart, never a duplicate.
+        previous: int | None = None
+        first = True
         while stream.pending:
+            if self._streams.get(stream.pod) is not stream:
+                return applied
             seq, batch = stream.pending.pop(0)
-            if stream.last_seq is not None and seq <= stream.last_seq:
+            restarted = previous is not None and seq < previous
+            previous = seq
+            if not restarted and stream.last_seq is not None and seq <= stream.last_seq:
+                first = False
                 continue  # the replay already brought it
-            await self._sequence(stream, seq, batch, None)
-        stream.replaying = False
-        log.info(
-            "replay done",
-            pod=str(stream.pod),
-            from_seq=start,
-            applied=applied,
-            last_seq=stream.last_seq,
-            seconds=round(time.perf_counter() - began, 4),
-        )
+            await self._sequence(stream, seq, batch, None, gap_counted=first)
+            first = False
+            if time.perf_counter() > slice_end:
+                await asyncio.sleep(0)
+                slice_end = time.perf_counter() + _SLICE_SECONDS
+        return applied
 
     def _hold(self, stream: _Stream, seq: int, batch: EventBatch | None) -> None:
         if len(stream.pending) >= _MAX_PENDING:
@@ -284,7 +337,9 @@ class Ingestor:
             self._metrics.decode_errors.labels(reason).inc(count)
         return batch
 
-    async def _apply(self, stream: _Stream, seq: int, batch: EventBatch | None) -> None:
+    async def _apply(
+        self, stream: _Stream, seq: int, batch: EventBatch | None, *, live: bool = True
+    ) -> None:
         stream.last_seq = seq
         stream.batches += 1
         if batch is None or not batch.events:
@@ -315,9 +370,10 @@ class Ingestor:
                     )
         if translation.ops:
             await self._index.apply(stream.model, stream.pod, translation.ops)
-        lag = max(0.0, time.time() - batch.ts)
-        metrics.event_lag.labels(stream.pod.pod_id).set(lag)
-        metrics.visible_lag.observe(lag)
+        if live:  # a replayed batch is late by design: its lag says nothing of the stream
+            lag = max(0.0, time.time() - batch.ts)
+            metrics.event_lag.labels(stream.pod.pod_id).set(lag)
+            metrics.visible_lag.observe(lag)
 
     def _unidentified(self, frame: Frame) -> None:
         self._metrics.decode_errors.labels("unidentified").inc()
@@ -342,6 +398,7 @@ class Ingestor:
             del self._streams[pod]
         await self._index.drop_pod(pod_id)
         self._metrics.pods_tracked.set(len(self._streams))
+        self._metrics.forget_pod(pod_id)
 
     async def pods(self) -> list[PodStatus]:
         stats = await self._index.stats()
@@ -399,6 +456,8 @@ class Ingestor:
             for m in self._models.all()
             if m.hash_mismatches
         )
+        if self.failure is not None:
+            return Readiness(False, (self.failure,), warnings)
         if not self.ready:
             return Readiness(False, ("starting",), warnings)
         return Readiness(True, (), warnings)

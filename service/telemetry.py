@@ -6,6 +6,7 @@ latest ``IndexStats`` snapshot at scrape time, so the index itself carries no me
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -19,7 +20,14 @@ from service.index.translate import SKIP_REASONS
 __all__ = ["DROP_REASONS", "Metrics"]
 
 # Reasons a whole batch is dropped before its events are read.
-DROP_REASONS = ("unidentified", "queue_full", "replay_buffer_full", "bad_frame", "pod_dropped")
+DROP_REASONS = (
+    "unidentified",
+    "queue_full",
+    "replay_buffer_full",
+    "bad_frame",
+    "pod_dropped",
+    "internal_error",
+)
 
 _LATENCY_BUCKETS = (
     50e-6, 100e-6, 200e-6, 300e-6, 500e-6, 750e-6,
@@ -148,6 +156,12 @@ class Metrics:
             ["model"],
             registry=r,
         )
+
+    def forget_pod(self, pod_id: str) -> None:
+        """Drops a pod's labelled series, so a deleted pod stops reporting its last values."""
+        for metric in (self.sequence_gaps, self.lost_batches, self.engine_restarts, self.event_lag):
+            with contextlib.suppress(KeyError):
+                metric.remove(pod_id)
 
     def observe_query(self, api: str, seconds: float, total_blocks: int, hits: int) -> None:
         self.query_duration.labels(api).observe(seconds)

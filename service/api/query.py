@@ -146,7 +146,7 @@ class QueryService:
                 raise QueryTooLarge(
                     f"{len(token_ids)} {what} exceed api.max_tokens ({self._max_tokens})"
                 )
-            if keying is not None:
+            if keying is not None and keying.translator.block_size is not None:
                 try:
                     keys = keying.translator.query_keys(
                         token_ids, lora_name=query.lora_name, cache_salt=query.cache_salt

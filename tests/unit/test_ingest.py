@@ -87,3 +87,35 @@ def test_gap_without_replay_counts_lost_batches_and_applies() -> None:
         assert (await index.stats()).entries_by_pod[("m", PodRank(POD))] == 3
 
     asyncio.run(main())
+
+
+def test_a_pod_that_switches_model_loses_its_old_models_entries() -> None:
+    async def main() -> None:
+        index, metrics = MemoryIndex(), Metrics()
+        ingestor = make_ingestor(index, metrics)
+        now = time.time()
+        ingestor.submit(frame(0, 1, now))
+        ingestor.submit(frame(1, 2, now))
+        payload = encode_batch([stored([3], tokens(3))], version="0.33")
+        ingestor.submit(Frame(Source(), f"kv@{POD}@other".encode(), 2, payload, now))
+        await ingestor.drain(seconds=1.0)
+        assert (await index.stats()).entries_by_pod == {("other", PodRank(POD)): 1}
+
+    asyncio.run(main())
+
+
+def test_forgetting_a_pod_drops_its_metric_series() -> None:
+    async def main() -> None:
+        index, metrics = MemoryIndex(), Metrics()
+        ingestor = make_ingestor(index, metrics)
+        ingestor.submit(frame(0, 1, time.time()))
+        ingestor.submit(frame(3, 2, time.time()))  # a gap: a per-pod series appears
+        await ingestor.drain(seconds=1.0)
+        gaps = "kv_cache_sequence_gaps_total"
+        assert metrics.registry.get_sample_value(gaps, {"pod": POD}) == 1
+        assert metrics.registry.get_sample_value("kv_cache_event_lag_seconds", {"pod": POD})
+        await ingestor.forget_pod(POD)
+        assert metrics.registry.get_sample_value(gaps, {"pod": POD}) is None
+        assert metrics.registry.get_sample_value("kv_cache_event_lag_seconds", {"pod": POD}) is None
+
+    asyncio.run(main())
