@@ -164,15 +164,8 @@ class Reconciler:
         self._subscriber.connect(target)
         state.endpoint = target
         self._owners[target.pod_id] = uid
-        log.info(
-            "pod subscribed",
-            pod=state.ref,
-            pod_id=target.pod_id,
-            endpoint=target.endpoint,
-            replay_endpoint=target.replay_endpoint,
-            model=target.model,
-            data_parallel_size=target.data_parallel_size,
-        )
+        # The subscriber logs the endpoints it connects to; this line ties them to the pod.
+        log.info("pod subscribed", pod=state.ref, pod_id=target.pod_id, model=target.model)
 
     async def _remove(self, uid: str, reason: str) -> None:
         state = self._pods.pop(uid, None)
