@@ -4,10 +4,10 @@
 thread (a real ``tokenizer.json`` takes 0.1-0.5 s to parse), and remembers a failure for
 ``retry_seconds`` so a missing tokenizer costs a few ``stat`` calls, not a load, per query.
 
-Tokenising holds a core for ~0.3 us per character (docs/performance.md, "Prompts"): the
-part of a prompt the prefix store does not know is tokenised on the event loop up to
-``inline_chars`` characters, and beyond in a worker thread through ``encode_batch``, which
-releases the GIL (``encode`` does not).
+Tokenising costs ~0.1-0.2 us per character (docs/performance.md, "Prompts"): the part of
+a prompt the prefix store does not know is tokenised on the event loop up to
+``inline_chars`` characters, and beyond in a worker thread (``encode_batch_fast`` releases
+the GIL), so one long new prompt does not hold up the queries behind it.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ __all__ = ["DEFAULT_PREFIX_STORE_BYTES", "PromptEncoder", "PromptEncoders", "Pro
 DEFAULT_PREFIX_STORE_BYTES: Final = 64 * 1024 * 1024
 """Prefix store bound per model when the model is not configured."""
 
-_INLINE_CHARS: Final = 2048
+_INLINE_CHARS: Final = 4096
 _RETRY_SECONDS: Final = 30.0
 
 log = structlog.get_logger("kv_cache.prompts")
@@ -140,7 +140,7 @@ class PromptEncoder:
         splice = tokenizer.lookup(text)
         if len(text) - splice.start <= self._inline_chars:
             return tokenizer.finish(splice)
-        return await asyncio.to_thread(tokenizer.finish, splice, release_gil=True)
+        return await asyncio.to_thread(tokenizer.finish, splice)
 
 
 def _require_unicode(text: str, what: str) -> None:

@@ -6,8 +6,9 @@ characters apart) into segments. Each stored segment holds its text and its toke
 is keyed by a hash chained over the segments before it, like a block-hash chain. A lookup
 walks the text's segments from the first while they are stored (comparing texts, so a
 hash collision can only cost a miss), and the caller tokenises the rest from the last
-segment's end. Because checkpoints are safe cuts, the stored ids of the prefix plus the
-ids of the rest are exactly the ids of the whole text (see ``boundaries``).
+segment's end, piece by piece at the checkpoints after it. Because checkpoints are safe
+cuts, the ids of the pieces, stored or new, concatenate to exactly the ids of the whole
+text (see ``boundaries``).
 
 Thread-safe: lookups and inserts take a lock; tokenising happens outside it.
 """
@@ -18,7 +19,7 @@ import sys
 import threading
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -74,7 +75,6 @@ class PrefixStoreStats:
     segments: int
     bytes: int
     evictions: int
-    rejected_cuts: int
 
 
 class PrefixStore:
@@ -93,7 +93,6 @@ class PrefixStore:
         self._chars_reused = 0
         self._chars_looked_up = 0
         self._evictions = 0
-        self._rejected_cuts = 0
 
     @property
     def max_bytes(self) -> int:
@@ -128,43 +127,24 @@ class PrefixStore:
             self._chars_looked_up += len(text)
         return Splice(text, cuts, len(keys), ids, keys)
 
-    def store(
-        self, splice: Splice, rest_ids: Sequence[int], first_token_at: Callable[[int], int | None]
-    ) -> int:
-        """Stores the segments after ``splice.start``, carved from the tokens of the rest.
-
-        ``rest_ids`` are the ids of ``text[start:]``; ``first_token_at(c)`` gives the index
-        of the first token at or after character ``c`` of the rest, or None when a token
-        spans ``c`` (the check that the tokenizer honoured the cut). The first cut a token
-        spans ends the carving; ``rejected_cuts`` counts those, which should stay 0.
-        Returns the segments stored.
-        """
-        if self._max_bytes == 0:
+    def store(self, splice: Splice, segment_ids: Sequence[Sequence[int]]) -> int:
+        """Stores the segments after ``splice.start``: ``segment_ids[i]`` are the ids of the
+        text between the ``i``-th and the next checkpoint after ``splice.start`` (the
+        caller tokenised the rest piece by piece at those checkpoints). Returns the
+        segments stored."""
+        if self._max_bytes == 0 or not segment_ids:
             return 0
-        base = splice.start
         text = splice.text
-        carved: list[tuple[str, array[int]]] = []
-        begin = 0  # index of the current segment's first token
-        position = base
-        for cut in splice.cuts[splice.known :]:
-            end = first_token_at(cut - base)
-            if end is None or end < begin:
-                with self._lock:
-                    self._rejected_cuts += 1
-                break
-            carved.append((text[position:cut], array(TOKEN_TYPECODE, rest_ids[begin:end])))
-            begin = end
-            position = cut
-        if not carved:
-            return 0
+        bounds = [splice.start, *splice.cuts[splice.known : splice.known + len(segment_ids)]]
         with self._lock:
             key = splice.keys[-1] if splice.keys else _ROOT
-            for piece, ids in carved:
+            for begin, end, ids in zip(bounds, bounds[1:], segment_ids, strict=False):
+                piece = text[begin:end]
                 child = hash((key, piece))
                 old = self._segments.pop(child, None)
                 if old is not None:
                     self._bytes -= old.size
-                segment = _Segment(key, piece, ids)
+                segment = _Segment(key, piece, array(TOKEN_TYPECODE, ids))
                 self._segments[child] = segment
                 self._bytes += segment.size
                 key = child
@@ -172,7 +152,7 @@ class PrefixStore:
                 _, evicted = self._segments.popitem(last=False)
                 self._bytes -= evicted.size
                 self._evictions += 1
-        return len(carved)
+        return len(bounds) - 1
 
     def stats(self) -> PrefixStoreStats:
         """A snapshot of the counters."""
@@ -184,7 +164,6 @@ class PrefixStore:
                 len(self._segments),
                 self._bytes,
                 self._evictions,
-                self._rejected_cuts,
             )
 
     def clear(self) -> None:

@@ -82,15 +82,6 @@ def test_special_token_text_in_a_prompt_is_the_special_token() -> None:
     assert tokenizer.body_ids(text).tolist() == reference.encode(text, add_special_tokens=False).ids
 
 
-def test_releasing_the_gil_gives_the_same_ids() -> None:
-    tokenizer = TextTokenizer(tokenizer_json("llama3"), {}, store_bytes=1 << 20, stride=16)
-    text = " ".join(CORPUS)
-    threaded = tokenizer.finish(tokenizer.lookup(text), release_gil=True).tolist()
-    assert tokenizer.store is not None
-    tokenizer.store.clear()
-    assert tokenizer.finish(tokenizer.lookup(text)).tolist() == threaded
-
-
 def test_files_are_read_from_the_model_directory(tmp_path: Path) -> None:
     directory = write_model(tmp_path / "m")
     files = TokenizerFiles(directory / "tokenizer.json", directory)
