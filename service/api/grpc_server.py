@@ -8,6 +8,8 @@ anything else is logged and answered ``INTERNAL`` with a generic message.
 
 from __future__ import annotations
 
+import sys
+from array import array
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final, TypeAlias
@@ -22,6 +24,7 @@ from service.api.generated.indexer.v1 import indexer_pb2, indexer_pb2_grpc
 from service.api.generated.kvcache.v1 import kvcache_pb2, kvcache_pb2_grpc
 from service.api.query import LocalityAnswer, LocalityQuery, QueryService, pod_label
 from service.errors import InvalidQuery, NotSupported, QueryError, QueryTooLarge, Unavailable
+from service.index.keys import TOKEN_TYPECODE
 from service.status import ModelStatus, PodStatus
 
 __all__ = [
@@ -80,9 +83,12 @@ async def _edge(context: _Context, rpc: str) -> AsyncIterator[None]:
 
 def _locality_query(request: kvcache_pb2.LocalityRequest) -> LocalityQuery:
     """The domain query of a request; an empty repeated field counts as not given."""
+    token_ids: Sequence[int] | None = request.token_ids[:] or None  # a list reads faster
+    if request.token_ids_packed:
+        token_ids = _unpack_token_ids(request.token_ids_packed, given_list=token_ids is not None)
     return LocalityQuery(
         model=request.model,
-        token_ids=request.token_ids[:] or None,  # a list reads ~70 us faster than the field
+        token_ids=token_ids,
         block_hashes=request.block_hashes or None,
         prompt=request.prompt if request.HasField("prompt") else None,
         messages=[{"role": m.role, "content": m.content} for m in request.messages] or None,
@@ -91,6 +97,21 @@ def _locality_query(request: kvcache_pb2.LocalityRequest) -> LocalityQuery:
         cache_salt=request.cache_salt if request.HasField("cache_salt") else None,
         pods=list(request.pods) or None,
     )
+
+
+def _unpack_token_ids(packed: bytes, *, given_list: bool) -> array[int]:
+    if given_list:
+        raise InvalidQuery("give token_ids or token_ids_packed, not both")
+    if len(packed) % 4:
+        raise InvalidQuery(
+            f"token_ids_packed: {len(packed)} bytes is not a whole number of token ids"
+            " (little-endian uint32, 4 bytes each)"
+        )
+    token_ids = array(TOKEN_TYPECODE)
+    token_ids.frombytes(packed)
+    if sys.byteorder != "little":
+        token_ids.byteswap()
+    return token_ids
 
 
 def _locality_response(answer: LocalityAnswer) -> kvcache_pb2.LocalityResponse:

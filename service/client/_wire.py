@@ -6,6 +6,8 @@ server (``service/api/query.py``), so the client never disagrees with it.
 
 from __future__ import annotations
 
+import sys
+from array import array
 from collections.abc import Mapping, Sequence
 from typing import Final, TypeAlias, cast
 
@@ -14,6 +16,7 @@ import grpc
 from service.api.generated.kvcache.v1 import kvcache_pb2
 from service.client.errors import InvalidRequest
 from service.client.results import Candidate, Locality, PodLocality
+from service.index.keys import TOKEN_TYPECODE
 from service.status import ModelStatus, PodState, PodStatus
 
 __all__ = [
@@ -32,6 +35,23 @@ DEFAULT_TIMEOUT: Final = 0.05
 
 CallMetadata: TypeAlias = Sequence[tuple[str, str | bytes]]
 ChatMessages: TypeAlias = Sequence[Mapping[str, str]]
+
+
+def pack_token_ids(token_ids: Sequence[int]) -> bytes:
+    """Token ids as ``token_ids_packed`` carries them: little-endian uint32. Raises
+    ``ValueError`` naming the first value that is not an int in [0, 2**32)."""
+    if isinstance(token_ids, str | bytes):
+        raise TypeError(f"expected a sequence, got {type(token_ids).__name__}")
+    try:
+        packed = array(TOKEN_TYPECODE, token_ids)
+    except (TypeError, OverflowError):
+        for position, token in enumerate(token_ids):
+            if type(token) is not int or not 0 <= token < 1 << 32:
+                raise ValueError(f"[{position}] = {token!r} is not an int in [0, 2**32)") from None
+        raise
+    if sys.byteorder != "little":
+        packed.byteswap()
+    return packed.tobytes()
 
 
 def locality_request(
@@ -57,8 +77,15 @@ def locality_request(
         ):
             if text is not None:
                 setattr(request, field, text)
+        field = "token_ids"
+        if token_ids is not None:
+            try:
+                request.token_ids_packed = pack_token_ids(token_ids)
+            except ValueError as error:
+                raise InvalidRequest(
+                    f"token_ids{error}", grpc.StatusCode.INVALID_ARGUMENT
+                ) from None
         for field, values in (
-            ("token_ids", token_ids),
             ("block_hashes", block_hashes),
             ("pods", pods),
         ):

@@ -28,6 +28,7 @@ import xxhash
 
 __all__ = [
     "DEFAULT_MAX_PARENTS",
+    "TOKEN_TYPECODE",
     "VLLM_DEFAULT_SEED",
     "BlockKeyer",
     "HashAlgorithm",
@@ -101,7 +102,7 @@ class BlockKeyer(Protocol):
 
 
 # A uint32 typecode: "I" on every mainstream platform, "L" where int is 16-bit.
-_TOKEN_TYPECODE: Final = next(code for code in "IL" if array(code).itemsize == 4)
+TOKEN_TYPECODE: Final = next(code for code in "IL" if array(code).itemsize == 4)
 
 
 def _require_block_size(block_size: int) -> None:
@@ -112,8 +113,10 @@ def _require_block_size(block_size: int) -> None:
 def _pack_tokens(token_ids: Sequence[int], block_size: int) -> array[int]:
     """Token ids as a uint32 array, validated in C; ValueError names the first bad one."""
     _require_block_size(block_size)
+    if isinstance(token_ids, array) and token_ids.typecode == TOKEN_TYPECODE:
+        return token_ids  # already uint32 (e.g. gRPC token_ids_packed): no copy, no check
     try:
-        return array(_TOKEN_TYPECODE, token_ids)
+        return array(TOKEN_TYPECODE, token_ids)
     except (TypeError, OverflowError) as exc:
         for position, token in enumerate(token_ids):
             if not isinstance(token, int) or not 0 <= token < _U32:
@@ -150,6 +153,7 @@ class TokenKeys:
         """One key per full block; see ``BlockKeyer.block_keys``."""
         packed = _pack_tokens(token_ids, block_size)
         if sys.byteorder != "little":
+            packed = array(TOKEN_TYPECODE, packed)  # never swap the caller's array
             packed.byteswap()
         data = packed.tobytes()
         if parent is None:

@@ -141,6 +141,18 @@ def test_locality_answers_every_field() -> None:
     run_kvcache(test)
 
 
+def test_packed_token_ids_answer_as_the_list_does() -> None:
+    async def test(stub: KVCacheServiceAsyncStub) -> None:
+        tokens = [*TOKENS, 1, 2, 3]
+        packed = b"".join(t.to_bytes(4, "little") for t in tokens)
+        for rpc in (stub.Locality, stub.Score, stub.GetCandidates):
+            assert await rpc(query(token_ids_packed=packed)) == await rpc(query(token_ids=tokens))
+        response = await stub.Locality(query(token_ids_packed=packed, lora_name="sql-adapter"))
+        assert (response.total_blocks, len(response.pods)) == (4, 0)
+
+    run_kvcache(test)
+
+
 def test_block_hashes_resolve_through_the_hashes_seen_in_events() -> None:
     async def test(stub: KVCacheServiceAsyncStub) -> None:
         response = await stub.Locality(query(block_hashes=HASHES[:2]))
@@ -260,6 +272,18 @@ def test_list_pods_and_models_mirror_the_status_source() -> None:
         (
             kvcache_pb2.LocalityRequest(model=MODEL, token_ids=TOKENS, pods=[A, ""]),
             "pods: '' is not a pod id",
+        ),
+        (
+            kvcache_pb2.LocalityRequest(model=MODEL, token_ids_packed=b"\x01\x00\x00"),
+            "token_ids_packed: 3 bytes is not a whole number of token ids",
+        ),
+        (
+            kvcache_pb2.LocalityRequest(model=MODEL, token_ids=[1], token_ids_packed=bytes(4)),
+            "give token_ids or token_ids_packed, not both",
+        ),
+        (
+            kvcache_pb2.LocalityRequest(model=MODEL, token_ids_packed=bytes(4), prompt="hi"),
+            "(got token_ids, prompt)",
         ),
     ],
 )

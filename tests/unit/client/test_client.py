@@ -289,8 +289,9 @@ def test_backend_unavailable_is_service_unavailable_and_a_bug_is_the_base_error(
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"token_ids": [1, -1]}, "token_ids: Value out of range: -1"),
-        ({"token_ids": [2**32]}, "token_ids: Value out of range: 4294967296"),
+        ({"token_ids": [1, -1]}, "token_ids[1] = -1 is not an int in [0, 2**32)"),
+        ({"token_ids": [2**32]}, "token_ids[0] = 4294967296 is not an int"),
+        ({"token_ids": "abc"}, "token_ids: expected a sequence, got str"),
         ({"block_hashes": [2**64]}, "block_hashes: Value out of range"),
         ({"token_ids": TOKENS, "pods": A}, "pods: expected a sequence, got str"),
         ({"token_ids": TOKENS, "lora_name": 7}, "lora_name: "),

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvcache/v1/kvcache.proto\x12\nkvcache.v1\x1a\x1cgoogle/protobuf/struct.proto\"\x98\x02\n\x0fLocalityRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x04\x12\x13\n\x06prompt\x18\x04 \x01(\tH\x00\x88\x01\x01\x12)\n\x08messages\x18\x05 \x03(\x0b\x32\x17.kvcache.v1.ChatMessage\x12\x16\n\tlora_name\x18\x06 \x01(\tH\x01\x88\x01\x01\x12\x17\n\ncache_salt\x18\x07 \x01(\tH\x02\x88\x01\x01\x12\x0c\n\x04pods\x18\x08 \x03(\t\x12&\n\x05tools\x18\t \x03(\x0b\x32\x17.google.protobuf.StructB\t\n\x07_promptB\x0c\n\n_lora_nameB\r\n\x0b_cache_salt\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xac\x01\n\x10LocalityResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x17\n\nblock_size\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x14\n\x0ctotal_blocks\x18\x03 \x01(\r\x12\x12\n\ncache_hits\x18\x04 \x01(\r\x12\x10\n\x08\x63overage\x18\x05 \x01(\x01\x12%\n\x04pods\x18\x06 \x03(\x0b\x32\x17.kvcache.v1.PodLocalityB\r\n\x0b_block_size\"\xe1\x01\n\x0bPodLocality\x12\x0e\n\x06pod_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\r\x12\x14\n\x0cmatch_length\x18\x03 \x01(\r\x12\x16\n\x0ematched_tokens\x18\x04 \x01(\r\x12\x13\n\x0b\x62lock_count\x18\x05 \x01(\r\x12\x31\n\x05tiers\x18\x06 \x03(\x0b\x32\".kvcache.v1.PodLocality.TiersEntry\x12\r\n\x05score\x18\x07 \x01(\x01\x1a,\n\nTiersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x84\x01\n\rScoreResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x35\n\x06scores\x18\x02 \x03(\x0b\x32%.kvcache.v1.ScoreResponse.ScoresEntry\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"g\n\x15GetCandidatesResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0ctotal_blocks\x18\x02 \x01(\r\x12)\n\ncandidates\x18\x03 \x03(\x0b\x32\x15.kvcache.v1.Candidate\"=\n\tCandidate\x12\x0b\n\x03pod\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x14\n\x0cmatch_length\x18\x03 \x01(\r\"\x11\n\x0fListPodsRequest\"7\n\x10ListPodsResponse\x12#\n\x04pods\x18\x01 \x03(\x0b\x32\x15.kvcache.v1.PodStatus\"\x97\x02\n\tPodStatus\x12\x0e\n\x06pod_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\r\x12\x12\n\x05model\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x0e\n\x06\x62locks\x18\x04 \x01(\x04\x12\r\n\x05state\x18\x05 \x01(\t\x12\x1c\n\x0flast_event_time\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\x08last_seq\x18\x07 \x01(\x04H\x02\x88\x01\x01\x12\x0f\n\x07\x62\x61tches\x18\x08 \x01(\x04\x12\x0c\n\x04gaps\x18\t \x01(\x04\x12\x14\n\x0clost_batches\x18\n \x01(\x04\x12\x0f\n\x07replays\x18\x0b \x01(\x04\x12\x10\n\x08restarts\x18\x0c \x01(\x04\x42\x08\n\x06_modelB\x12\n\x10_last_event_timeB\x0b\n\t_last_seq\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.kvcache.v1.ModelStatus\"\xb6\x01\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08key_mode\x18\x02 \x01(\t\x12\x12\n\nconfigured\x18\x03 \x01(\x08\x12\x17\n\nblock_size\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x0e\n\x06\x62locks\x18\x05 \x01(\x04\x12\x0c\n\x04pods\x18\x06 \x01(\r\x12\x14\n\x0chash_matches\x18\x07 \x01(\x04\x12\x17\n\x0fhash_mismatches\x18\x08 \x01(\x04\x42\r\n\x0b_block_size2\x87\x03\n\x0eKVCacheService\x12G\n\x08Locality\x12\x1b.kvcache.v1.LocalityRequest\x1a\x1c.kvcache.v1.LocalityResponse\"\x00\x12\x41\n\x05Score\x12\x1b.kvcache.v1.LocalityRequest\x1a\x19.kvcache.v1.ScoreResponse\"\x00\x12Q\n\rGetCandidates\x12\x1b.kvcache.v1.LocalityRequest\x1a!.kvcache.v1.GetCandidatesResponse\"\x00\x12G\n\x08ListPods\x12\x1b.kvcache.v1.ListPodsRequest\x1a\x1c.kvcache.v1.ListPodsResponse\"\x00\x12M\n\nListModels\x12\x1d.kvcache.v1.ListModelsRequest\x1a\x1e.kvcache.v1.ListModelsResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvcache/v1/kvcache.proto\x12\nkvcache.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xb2\x02\n\x0fLocalityRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x04\x12\x13\n\x06prompt\x18\x04 \x01(\tH\x00\x88\x01\x01\x12)\n\x08messages\x18\x05 \x03(\x0b\x32\x17.kvcache.v1.ChatMessage\x12\x16\n\tlora_name\x18\x06 \x01(\tH\x01\x88\x01\x01\x12\x17\n\ncache_salt\x18\x07 \x01(\tH\x02\x88\x01\x01\x12\x0c\n\x04pods\x18\x08 \x03(\t\x12&\n\x05tools\x18\t \x03(\x0b\x32\x17.google.protobuf.Struct\x12\x18\n\x10token_ids_packed\x18\n \x01(\x0c\x42\t\n\x07_promptB\x0c\n\n_lora_nameB\r\n\x0b_cache_salt\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xac\x01\n\x10LocalityResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x17\n\nblock_size\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x14\n\x0ctotal_blocks\x18\x03 \x01(\r\x12\x12\n\ncache_hits\x18\x04 \x01(\r\x12\x10\n\x08\x63overage\x18\x05 \x01(\x01\x12%\n\x04pods\x18\x06 \x03(\x0b\x32\x17.kvcache.v1.PodLocalityB\r\n\x0b_block_size\"\xe1\x01\n\x0bPodLocality\x12\x0e\n\x06pod_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\r\x12\x14\n\x0cmatch_length\x18\x03 \x01(\r\x12\x16\n\x0ematched_tokens\x18\x04 \x01(\r\x12\x13\n\x0b\x62lock_count\x18\x05 \x01(\r\x12\x31\n\x05tiers\x18\x06 \x03(\x0b\x32\".kvcache.v1.PodLocality.TiersEntry\x12\r\n\x05score\x18\x07 \x01(\x01\x1a,\n\nTiersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x84\x01\n\rScoreResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x35\n\x06scores\x18\x02 \x03(\x0b\x32%.kvcache.v1.ScoreResponse.ScoresEntry\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"g\n\x15GetCandidatesResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0ctotal_blocks\x18\x02 \x01(\r\x12)\n\ncandidates\x18\x03 \x03(\x0b\x32\x15.kvcache.v1.Candidate\"=\n\tCandidate\x12\x0b\n\x03pod\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x14\n\x0cmatch_length\x18\x03 \x01(\r\"\x11\n\x0fListPodsRequest\"7\n\x10ListPodsResponse\x12#\n\x04pods\x18\x01 \x03(\x0b\x32\x15.kvcache.v1.PodStatus\"\x97\x02\n\tPodStatus\x12\x0e\n\x06pod_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\r\x12\x12\n\x05model\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x0e\n\x06\x62locks\x18\x04 \x01(\x04\x12\r\n\x05state\x18\x05 \x01(\t\x12\x1c\n\x0flast_event_time\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\x08last_seq\x18\x07 \x01(\x04H\x02\x88\x01\x01\x12\x0f\n\x07\x62\x61tches\x18\x08 \x01(\x04\x12\x0c\n\x04gaps\x18\t \x01(\x04\x12\x14\n\x0clost_batches\x18\n \x01(\x04\x12\x0f\n\x07replays\x18\x0b \x01(\x04\x12\x10\n\x08restarts\x18\x0c \x01(\x04\x42\x08\n\x06_modelB\x12\n\x10_last_event_timeB\x0b\n\t_last_seq\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.kvcache.v1.ModelStatus\"\xb6\x01\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08key_mode\x18\x02 \x01(\t\x12\x12\n\nconfigured\x18\x03 \x01(\x08\x12\x17\n\nblock_size\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x0e\n\x06\x62locks\x18\x05 \x01(\x04\x12\x0c\n\x04pods\x18\x06 \x01(\r\x12\x14\n\x0chash_matches\x18\x07 \x01(\x04\x12\x17\n\x0fhash_mismatches\x18\x08 \x01(\x04\x42\r\n\x0b_block_size2\x87\x03\n\x0eKVCacheService\x12G\n\x08Locality\x12\x1b.kvcache.v1.LocalityRequest\x1a\x1c.kvcache.v1.LocalityResponse\"\x00\x12\x41\n\x05Score\x12\x1b.kvcache.v1.LocalityRequest\x1a\x19.kvcache.v1.ScoreResponse\"\x00\x12Q\n\rGetCandidates\x12\x1b.kvcache.v1.LocalityRequest\x1a!.kvcache.v1.GetCandidatesResponse\"\x00\x12G\n\x08ListPods\x12\x1b.kvcache.v1.ListPodsRequest\x1a\x1c.kvcache.v1.ListPodsResponse\"\x00\x12M\n\nListModels\x12\x1d.kvcache.v1.ListModelsRequest\x1a\x1e.kvcache.v1.ListModelsResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,35 +37,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCORERESPONSE_SCORESENTRY']._loaded_options = None
   _globals['_SCORERESPONSE_SCORESENTRY']._serialized_options = b'8\001'
   _globals['_LOCALITYREQUEST']._serialized_start=71
-  _globals['_LOCALITYREQUEST']._serialized_end=351
-  _globals['_CHATMESSAGE']._serialized_start=353
-  _globals['_CHATMESSAGE']._serialized_end=397
-  _globals['_LOCALITYRESPONSE']._serialized_start=400
-  _globals['_LOCALITYRESPONSE']._serialized_end=572
-  _globals['_PODLOCALITY']._serialized_start=575
-  _globals['_PODLOCALITY']._serialized_end=800
-  _globals['_PODLOCALITY_TIERSENTRY']._serialized_start=756
-  _globals['_PODLOCALITY_TIERSENTRY']._serialized_end=800
-  _globals['_SCORERESPONSE']._serialized_start=803
-  _globals['_SCORERESPONSE']._serialized_end=935
-  _globals['_SCORERESPONSE_SCORESENTRY']._serialized_start=890
-  _globals['_SCORERESPONSE_SCORESENTRY']._serialized_end=935
-  _globals['_GETCANDIDATESRESPONSE']._serialized_start=937
-  _globals['_GETCANDIDATESRESPONSE']._serialized_end=1040
-  _globals['_CANDIDATE']._serialized_start=1042
-  _globals['_CANDIDATE']._serialized_end=1103
-  _globals['_LISTPODSREQUEST']._serialized_start=1105
-  _globals['_LISTPODSREQUEST']._serialized_end=1122
-  _globals['_LISTPODSRESPONSE']._serialized_start=1124
-  _globals['_LISTPODSRESPONSE']._serialized_end=1179
-  _globals['_PODSTATUS']._serialized_start=1182
-  _globals['_PODSTATUS']._serialized_end=1461
-  _globals['_LISTMODELSREQUEST']._serialized_start=1463
-  _globals['_LISTMODELSREQUEST']._serialized_end=1482
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1484
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1545
-  _globals['_MODELSTATUS']._serialized_start=1548
-  _globals['_MODELSTATUS']._serialized_end=1730
-  _globals['_KVCACHESERVICE']._serialized_start=1733
-  _globals['_KVCACHESERVICE']._serialized_end=2124
+  _globals['_LOCALITYREQUEST']._serialized_end=377
+  _globals['_CHATMESSAGE']._serialized_start=379
+  _globals['_CHATMESSAGE']._serialized_end=423
+  _globals['_LOCALITYRESPONSE']._serialized_start=426
+  _globals['_LOCALITYRESPONSE']._serialized_end=598
+  _globals['_PODLOCALITY']._serialized_start=601
+  _globals['_PODLOCALITY']._serialized_end=826
+  _globals['_PODLOCALITY_TIERSENTRY']._serialized_start=782
+  _globals['_PODLOCALITY_TIERSENTRY']._serialized_end=826
+  _globals['_SCORERESPONSE']._serialized_start=829
+  _globals['_SCORERESPONSE']._serialized_end=961
+  _globals['_SCORERESPONSE_SCORESENTRY']._serialized_start=916
+  _globals['_SCORERESPONSE_SCORESENTRY']._serialized_end=961
+  _globals['_GETCANDIDATESRESPONSE']._serialized_start=963
+  _globals['_GETCANDIDATESRESPONSE']._serialized_end=1066
+  _globals['_CANDIDATE']._serialized_start=1068
+  _globals['_CANDIDATE']._serialized_end=1129
+  _globals['_LISTPODSREQUEST']._serialized_start=1131
+  _globals['_LISTPODSREQUEST']._serialized_end=1148
+  _globals['_LISTPODSRESPONSE']._serialized_start=1150
+  _globals['_LISTPODSRESPONSE']._serialized_end=1205
+  _globals['_PODSTATUS']._serialized_start=1208
+  _globals['_PODSTATUS']._serialized_end=1487
+  _globals['_LISTMODELSREQUEST']._serialized_start=1489
+  _globals['_LISTMODELSREQUEST']._serialized_end=1508
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1510
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1571
+  _globals['_MODELSTATUS']._serialized_start=1574
+  _globals['_MODELSTATUS']._serialized_end=1756
+  _globals['_KVCACHESERVICE']._serialized_start=1759
+  _globals['_KVCACHESERVICE']._serialized_end=2150
 # @@protoc_insertion_point(module_scope)

@@ -46,6 +46,7 @@ class LocalityRequest(_message.Message):
     CACHE_SALT_FIELD_NUMBER: _builtins.int
     PODS_FIELD_NUMBER: _builtins.int
     TOOLS_FIELD_NUMBER: _builtins.int
+    TOKEN_IDS_PACKED_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The served model name, as in the events' topic (`kv@<pod>@<model>`). Required."""
     prompt: _builtins.str
@@ -54,6 +55,12 @@ class LocalityRequest(_message.Message):
     """The LoRA adapter the request will run with."""
     cache_salt: _builtins.str
     """vLLM's per-request cache salt (enters the first block's key)."""
+    token_ids_packed: _builtins.bytes
+    """The prompt's token ids packed as little-endian uint32, 4 bytes each: the same query
+    as token_ids, several times cheaper to encode and decode for long prompts (an
+    8192-token prompt is one 32 KiB field instead of 8192 varints). Give token_ids or
+    this, not both.
+    """
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The prompt's token ids (exact; preferred)."""
@@ -91,10 +98,11 @@ class LocalityRequest(_message.Message):
         cache_salt: _builtins.str | None = ...,
         pods: _abc.Iterable[_builtins.str] | None = ...,
         tools: _abc.Iterable[_struct_pb2.Struct] | None = ...,
+        token_ids_packed: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_cache_salt", b"_cache_salt", "_lora_name", b"_lora_name", "_prompt", b"_prompt", "cache_salt", b"cache_salt", "lora_name", b"lora_name", "prompt", b"prompt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache_salt", b"_cache_salt", "_lora_name", b"_lora_name", "_prompt", b"_prompt", "block_hashes", b"block_hashes", "cache_salt", b"cache_salt", "lora_name", b"lora_name", "messages", b"messages", "model", b"model", "pods", b"pods", "prompt", b"prompt", "token_ids", b"token_ids", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache_salt", b"_cache_salt", "_lora_name", b"_lora_name", "_prompt", b"_prompt", "block_hashes", b"block_hashes", "cache_salt", b"cache_salt", "lora_name", b"lora_name", "messages", b"messages", "model", b"model", "pods", b"pods", "prompt", b"prompt", "token_ids", b"token_ids", "token_ids_packed", b"token_ids_packed", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cache_salt: _TypeAlias = _typing.Literal["cache_salt"]  # noqa: Y015
     _WhichOneofArgType__cache_salt: _TypeAlias = _typing.Literal["_cache_salt", b"_cache_salt"]  # noqa: Y015
