@@ -29,7 +29,7 @@ from operator import and_, or_
 from time import monotonic
 
 from service.events.model import Tier
-from service.index.buckets import ROUTE, new_buckets
+from service.index.buckets import ROUTE, ROUTE_MASK, new_buckets
 from service.index.protocol import (
     EVICTION_REASONS,
     ClearPod,
@@ -192,7 +192,7 @@ class MemoryIndex:
         log = self._log_for(shard, slot, now_gen)
         added = 0
         for key in keys:
-            bucket = holders[ROUTE[key & 0xFF]]
+            bucket = holders[ROUTE[key & ROUTE_MASK]]
             value = bucket.get(key, 0)
             old = (value >> shift) & _FIELD
             if not old & _HELD:
@@ -214,7 +214,7 @@ class MemoryIndex:
         tier_bit = _tier_bit(tier)
         removed = 0
         for key in keys:
-            bucket = holders[ROUTE[key & 0xFF]]
+            bucket = holders[ROUTE[key & ROUTE_MASK]]
             value = bucket.get(key)
             if value is None:
                 continue
@@ -324,7 +324,7 @@ class MemoryIndex:
             while index < stop:
                 key = keys[index]
                 index += 1
-                bucket = holders[ROUTE[key & 0xFF]]
+                bucket = holders[ROUTE[key & ROUTE_MASK]]
                 value = bucket.get(key)
                 if value is None:
                     continue
@@ -358,7 +358,7 @@ class MemoryIndex:
             slot, keys = shard.wipe.popleft()
             mask = ~(_FIELD << (8 * slot))
             for key in keys:
-                bucket = holders[ROUTE[key & 0xFF]]
+                bucket = holders[ROUTE[key & ROUTE_MASK]]
                 value = bucket.get(key)
                 if value is None:
                     continue
@@ -392,7 +392,7 @@ class MemoryIndex:
         if not slots:
             return []
         holders = shard.holders
-        values = [holders[ROUTE[key & 0xFF]].get(key, 0) for key in keys]
+        values = [holders[ROUTE[key & ROUTE_MASK]].get(key, 0) for key in keys]
         # Fields are read from the raw values: a slot's held bit survives an AND of values
         # exactly while the slot holds every block so far, so running[i] tells who holds
         # blocks 0..i, and the bits of other fields never mix into it.

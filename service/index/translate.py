@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import islice
+from typing import Final
 
 from service.events.model import (
     AllBlocksCleared,
@@ -29,7 +30,7 @@ from service.events.model import (
     EngineHash,
     Event,
 )
-from service.index.buckets import ROUTE, SHARES, new_buckets
+from service.index.buckets import ROUTE, ROUTE_MASK, SHARES, new_buckets
 from service.index.keys import BlockKeyer, HashCheck, VllmKeys
 from service.index.protocol import ClearPod, IndexOp, RemoveBlocks, StoreBlocks
 
@@ -203,34 +204,45 @@ class EventTranslator:
         return keys
 
 
-class _EngineKeys:
-    """Engine hash -> key in 64 dicts (``service/index/buckets.py``: no long resize stalls),
-    each holding at most its share of the bound and forgetting its oldest first."""
+_SPLIT_FROM: Final = 64 * len(ROUTE)
+_ONE_DICT: Final = (0,) * len(ROUTE)
 
-    __slots__ = ("_limits", "_parts")
+
+class _EngineKeys:
+    """Engine hash -> key in 1024 dicts (``service/index/buckets.py``: no long resize stalls),
+    each holding at most its share of the bound and forgetting its oldest first. A bound
+    too small to share out (under 64 per dict) keeps one dict."""
+
+    __slots__ = ("_limits", "_parts", "_route")
 
     def __init__(self, bound: int) -> None:
-        self._parts: list[dict[EngineHash, int]] = new_buckets()
-        self._limits = [max(1, bound * share // 256) for share in SHARES]
+        if bound >= _SPLIT_FROM:
+            self._route = ROUTE
+            self._parts: list[dict[EngineHash, int]] = new_buckets()
+            self._limits = [bound * share // len(ROUTE) for share in SHARES]
+        else:
+            self._route = _ONE_DICT
+            self._parts = [{}]
+            self._limits = [bound]
 
     def __len__(self) -> int:
         return sum(map(len, self._parts))
 
     def get(self, engine_hash: EngineHash) -> int | None:
-        return self._parts[ROUTE[engine_hash & 0xFF]].get(engine_hash)
+        return self._parts[self._route[engine_hash & ROUTE_MASK]].get(engine_hash)
 
     def touch(self, engine_hash: EngineHash) -> int | None:
         """The key, now counted as the most recently stored."""
-        part = self._parts[ROUTE[engine_hash & 0xFF]]
+        part = self._parts[self._route[engine_hash & ROUTE_MASK]]
         key = part.pop(engine_hash, None)
         if key is not None:
             part[engine_hash] = key
         return key
 
     def update(self, hashes: Sequence[EngineHash], keys: Sequence[int]) -> None:
-        parts, limits = self._parts, self._limits
+        parts, limits, route = self._parts, self._limits, self._route
         for engine_hash, key in zip(hashes, keys, strict=True):
-            bucket = ROUTE[engine_hash & 0xFF]
+            bucket = route[engine_hash & ROUTE_MASK]
             part = parts[bucket]
             part[engine_hash] = key
             if len(part) > limits[bucket]:
