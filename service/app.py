@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import gc
 import signal
-from collections.abc import Generator
+from collections.abc import Callable, Coroutine, Generator
+from typing import Any
 
 import structlog
 import uvicorn
@@ -52,11 +53,24 @@ def run(settings: Settings) -> int:
         return await Service(settings).serve()
 
     try:
-        return asyncio.run(main())
+        return _event_loop_runner()(main())
     except (StartupError, OSError, zmq.ZMQError) as error:
         # A port in use, an endpoint that cannot bind, a backend not built: say so plainly.
         log.error("cannot start", error=str(error))
         return 1
+
+
+def _event_loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
+    """``uvloop.run`` where uvloop is installed (not on Windows), else ``asyncio.run``.
+
+    uvloop takes ~5-10% less CPU per query and per ingested batch than the default loop
+    (docs/performance.md).
+    """
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run
+    return uvloop.run
 
 
 class StartupError(Exception):
@@ -201,6 +215,7 @@ class Service:
             zmq_pods=[p.pod_id for p in settings.zmq.pods],
             discovery=settings.discovery.enabled,
             index_backend=settings.index.backend,
+            event_loop=type(asyncio.get_running_loop()).__module__.partition(".")[0],
         )
 
     def _task_ended(self, task: asyncio.Task[None]) -> None:
