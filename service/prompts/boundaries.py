@@ -100,22 +100,25 @@ class CutRule:
             or text[position + 1].isspace()
         )
 
-    def checkpoints(self, text: str, stride: int) -> list[int]:
-        """Safe cuts about ``stride`` characters apart: the first safe cut at or after each
-        multiple of ``stride`` (after the previous cut).
+    def checkpoints(self, text: str, stride: int, after: int = 0, *, min_gap: int = 1) -> list[int]:
+        """Safe cuts about ``stride`` characters apart: the first safe cut at or after the
+        first multiple of ``stride`` that is at least ``min_gap`` (<= ``stride``) past the
+        previous cut. ``after``: start past this checkpoint of ``text`` (0: from the start).
 
         A cut depends only on the text up to one character past it, so two texts sharing a
         prefix share the checkpoints inside it. One regex search per cut.
         """
         if stride < 1:
             raise ValueError(f"stride must be >= 1, got {stride}")
+        if not 1 <= min_gap <= stride:
+            raise ValueError(f"min_gap must be in [1, stride], got {min_gap}")
         cuts: list[int] = []
         search = self._pattern.search
-        mark = stride
+        mark = -(-(after + min_gap) // stride) * stride
         while (found := search(text, mark)) is not None:
             cut = found.start()
             cuts.append(cut)
-            mark = (cut // stride + 1) * stride
+            mark = -(-(cut + min_gap) // stride) * stride
         return cuts
 
     def all_cuts(self, text: str) -> list[int]:

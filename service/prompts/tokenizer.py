@@ -107,7 +107,7 @@ class TextTokenizer:
     def lookup(self, text: str) -> Splice:
         """The ids of the longest stored prefix of ``text``; cheap enough for the event loop."""
         if self.store is None:
-            return Splice(text, [], 0, array(TOKEN_TYPECODE))
+            return Splice(text, 0, array(TOKEN_TYPECODE))
         return self.store.lookup(text)
 
     def finish(self, splice: Splice) -> array[int]:
@@ -123,7 +123,7 @@ class TextTokenizer:
         ids = splice.ids
         if splice.start >= len(text):
             return ids
-        bounds = [splice.start, *splice.cuts[splice.known :], len(text)]
+        bounds = [splice.start, *splice.rest_cuts, len(text)]
         pieces = [text[begin:end] for begin, end in pairwise(bounds)]
         encodings = self._body.encode_batch_fast(pieces, add_special_tokens=False)
         piece_ids = [encoding.ids for encoding in encodings]
