@@ -76,6 +76,10 @@ class Snapshot:
         """The sum of the samples of ``name`` carrying ``labels`` (0 when none)."""
         return sum(value for _, value in self._matching(name, labels))
 
+    def max_value(self, name: str, **labels: str) -> float:
+        """The largest sample of ``name`` carrying ``labels`` (0 when none)."""
+        return max((value for _, value in self._matching(name, labels)), default=0.0)
+
     def buckets(self, name: str, **labels: str) -> list[tuple[float, float]]:
         """Cumulative ``(le, count)`` buckets of histogram ``name``, summed over the other
         labels."""

@@ -143,7 +143,8 @@ def report(results: Results, command: str) -> str:
         " service = `kv_cache_query_duration_seconds` (inside QueryService, bucket-interpolated);"
         " CPU per request from /proc (daemon: under load includes ingest); lag = visible lag"
         " of the batches applied during the cell; backlog = time after the cell until the"
-        " ingest queue was empty again (the next cell starts then):"
+        " ingest queue was empty and every pod's last batch fresh again (the next cell starts"
+        " then):"
     )
     add("")
     add(
