@@ -194,7 +194,7 @@ class Service:
         if self.discovery is not None:
             self.discovery.start()
         grpc_port = await self.grpc.start(settings.grpc.host, settings.grpc.port)
-        http_task = asyncio.create_task(self.http.serve(), name="http")
+        http_task = asyncio.create_task(self._serve_http(), name="http")
         while not self.http.started:
             if http_task.done():
                 await http_task  # raises what stopped it (e.g. port in use)
@@ -217,6 +217,15 @@ class Service:
             index_backend=settings.index.backend,
             event_loop=type(asyncio.get_running_loop()).__module__.partition(".")[0],
         )
+
+    async def _serve_http(self) -> None:
+        try:
+            await self.http.serve()
+        except SystemExit:
+            # uvicorn logs why (e.g. the port is in use) and exits; an exit inside a task
+            # would escape the event loop past the ordered shutdown.
+            api = self.settings.api
+            raise StartupError(f"cannot serve HTTP on {api.host}:{api.port}") from None
 
     def _task_ended(self, task: asyncio.Task[None]) -> None:
         """A background task should only end at shutdown; if one dies, say so and stop

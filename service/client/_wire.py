@@ -63,6 +63,8 @@ def locality_request(
     lora_name: str | None,
     cache_salt: str | None,
     pods: Sequence[str] | None,
+    *,
+    packed: bool = True,
 ) -> kvcache_pb2.LocalityRequest:
     """The request message; ``InvalidRequest`` naming the field for a value protobuf cannot
     encode (a negative token id, a string where a list belongs, a message without a role)."""
@@ -80,11 +82,15 @@ def locality_request(
         field = "token_ids"
         if token_ids is not None:
             try:
-                request.token_ids_packed = pack_token_ids(token_ids)
+                packed_ids = pack_token_ids(token_ids)
             except ValueError as error:
                 raise InvalidRequest(
                     f"token_ids{error}", grpc.StatusCode.INVALID_ARGUMENT
                 ) from None
+            if packed:
+                request.token_ids_packed = packed_ids
+            else:
+                request.token_ids.extend(token_ids)
         for field, values in (
             ("block_hashes", block_hashes),
             ("pods", pods),

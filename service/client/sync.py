@@ -35,6 +35,10 @@ class KVCacheClient:
     closes it on ``close()`` or on leaving ``with``) or a ``grpc.Channel`` the caller made
     (for TLS, options or interceptors) and keeps owning. Safe to share between threads.
 
+    Token ids go as ``token_ids_packed`` (little-endian uint32 bytes: ~0.25 ms less CPU
+    per 8192-token query than repeated varints); ``packed_token_ids=False`` sends the
+    ``token_ids`` list, for services older than that field, which ignore it.
+
     Every call takes ``timeout`` seconds (None: this client's ``timeout``) and extra
     ``metadata``, sent after this client's. A failed call raises a ``KVCacheError``; a slow
     or unreachable service raises ``ServiceUnavailable``.
@@ -46,6 +50,7 @@ class KVCacheClient:
         *,
         timeout: float | None = DEFAULT_TIMEOUT,
         metadata: CallMetadata = (),
+        packed_token_ids: bool = True,
     ) -> None:
         self._owns_channel = isinstance(target, str)
         self._channel = grpc.insecure_channel(target) if isinstance(target, str) else target
@@ -54,6 +59,7 @@ class KVCacheClient:
         )
         self._timeout = timeout
         self._metadata = tuple(metadata)
+        self._packed = packed_token_ids
 
     def locality(
         self,
@@ -75,7 +81,15 @@ class KVCacheClient:
         ``messages``; ``pods`` restricts the answer to these candidates, each answered.
         """
         request = locality_request(
-            model, token_ids, block_hashes, prompt, messages, lora_name, cache_salt, pods
+            model,
+            token_ids,
+            block_hashes,
+            prompt,
+            messages,
+            lora_name,
+            cache_salt,
+            pods,
+            packed=self._packed,
         )
         return locality_of(self._call(self._service().Locality, request, timeout, metadata))
 
@@ -96,7 +110,15 @@ class KVCacheClient:
         """Score in [0, 1] per pod label (``pod_id``, or ``pod_id@dp<r>`` for rank r > 0);
         arguments as ``locality``."""
         request = locality_request(
-            model, token_ids, block_hashes, prompt, messages, lora_name, cache_salt, pods
+            model,
+            token_ids,
+            block_hashes,
+            prompt,
+            messages,
+            lora_name,
+            cache_salt,
+            pods,
+            packed=self._packed,
         )
         return dict(self._call(self._service().Score, request, timeout, metadata).scores)
 
@@ -117,7 +139,15 @@ class KVCacheClient:
         """The pods best first; with ``pods``, every candidate (unmatched ones last, score 0).
         Arguments as ``locality``."""
         request = locality_request(
-            model, token_ids, block_hashes, prompt, messages, lora_name, cache_salt, pods
+            model,
+            token_ids,
+            block_hashes,
+            prompt,
+            messages,
+            lora_name,
+            cache_salt,
+            pods,
+            packed=self._packed,
         )
         return candidates_of(self._call(self._service().GetCandidates, request, timeout, metadata))
 

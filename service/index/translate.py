@@ -204,14 +204,14 @@ class EventTranslator:
         return keys
 
 
-_SPLIT_FROM: Final = 64 * len(ROUTE)
+_SPLIT_FROM: Final = 4 * len(ROUTE)
 _ONE_DICT: Final = (0,) * len(ROUTE)
 
 
 class _EngineKeys:
     """Engine hash -> key in 1024 dicts (``service/index/buckets.py``: no long resize stalls),
     each holding at most its share of the bound and forgetting its oldest first. A bound
-    too small to share out (under 64 per dict) keeps one dict."""
+    under 16,384 (~16 per dict) keeps one dict, so its LRU stays exact where it matters."""
 
     __slots__ = ("_limits", "_parts", "_route")
 
@@ -219,7 +219,7 @@ class _EngineKeys:
         if bound >= _SPLIT_FROM:
             self._route = ROUTE
             self._parts: list[dict[EngineHash, int]] = new_buckets()
-            self._limits = [bound * share // len(ROUTE) for share in SHARES]
+            self._limits = [max(1, bound * share // len(ROUTE)) for share in SHARES]
         else:
             self._route = _ONE_DICT
             self._parts = [{}]

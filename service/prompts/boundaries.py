@@ -121,6 +121,13 @@ class CutRule:
             mark = -(-(cut + min_gap) // stride) * stride
         return cuts
 
+    def next_checkpoint(
+        self, text: str, stride: int, after: int = 0, *, min_gap: int = 1
+    ) -> int | None:
+        """The first of ``checkpoints(text, stride, after, min_gap=min_gap)``, or None."""
+        found = self._pattern.search(text, -(-(after + min_gap) // stride) * stride)
+        return None if found is None else found.start()
+
     def all_cuts(self, text: str) -> list[int]:
         """Every safe cut of ``text``, in order."""
         return [found.start() for found in self._pattern.finditer(text)]

@@ -40,6 +40,10 @@ TOKEN_TYPECODE: Final = next(code for code in "IL" if array(code).itemsize == 4)
 _SEGMENT_OVERHEAD: Final = 270
 _ROOT: Final = 0
 _PROBE_CHARS: Final = 32
+# Past this many segments under one probe, a lookup finds the next checkpoint (one regex
+# search) and the segment by its key instead of checking each of them.
+_SCAN_SIBLINGS: Final = 4
+_NONE: Final[dict[int, _Segment]] = {}
 
 
 class _Segment:
@@ -96,7 +100,7 @@ class PrefixStore:
         self._probe = min(_PROBE_CHARS, stride)
         self._segments: OrderedDict[int, _Segment] = OrderedDict()
         # hash((parent key, a segment's first characters)) -> such segments
-        self._by_probe: dict[int, list[_Segment]] = {}
+        self._by_probe: dict[int, dict[int, _Segment]] = {}
         self._bytes = 0
         self._lock = threading.Lock()
         self._lookups = 0
@@ -126,18 +130,27 @@ class PrefixStore:
             touch = self._segments.move_to_end
             by_probe = self._by_probe
             while True:
-                for segment in by_probe.get(hash((key, text[start : start + probe_chars])), ()):
-                    end = start + segment.length
-                    if (
-                        end < last
-                        and segment.parent == key
-                        and text[end] == " "
-                        and not text[end + 1].isspace()
-                        and text.startswith(segment.text, start)
-                    ):
+                siblings = by_probe.get(hash((key, text[start : start + probe_chars])), _NONE)
+                if len(siblings) > _SCAN_SIBLINGS:
+                    # Many stored continuations share these first characters (a common
+                    # prefix, then different texts): find the checkpoint, then the segment.
+                    segment = self._segment_at(text, start, key)
+                    if segment is None:
                         break
+                    end = start + segment.length
                 else:
-                    break
+                    for segment in siblings.values():
+                        end = start + segment.length
+                        if (
+                            end < last
+                            and segment.parent == key
+                            and text[end] == " "
+                            and not text[end + 1].isspace()
+                            and text.startswith(segment.text, start)
+                        ):
+                            break
+                    else:
+                        break
                 key = segment.key
                 touch(key)
                 ids.extend(segment.ids)
@@ -147,6 +160,17 @@ class PrefixStore:
             self._chars_reused += start
             self._chars_looked_up += len(text)
         return Splice(text, start, ids, keys, self.checkpoints(text, start))
+
+    def _segment_at(self, text: str, start: int, parent: int) -> _Segment | None:
+        """The stored segment of ``text`` from ``start`` (a checkpoint) to the next one."""
+        cut = self._rule.next_checkpoint(text, self._stride, start, min_gap=self._probe)
+        if cut is None:
+            return None
+        piece = text[start:cut]
+        segment = self._segments.get(hash((parent, piece)))
+        if segment is None or segment.parent != parent or segment.text != piece:
+            return None
+        return segment
 
     def store(self, splice: Splice, segment_ids: Sequence[Sequence[int]]) -> int:
         """Stores the segments after ``splice.start``: ``segment_ids[i]`` are the ids of the
@@ -168,7 +192,7 @@ class PrefixStore:
                 probe = hash((key, piece[: self._probe]))
                 segment = _Segment(child, key, probe, piece, array(TOKEN_TYPECODE, ids))
                 self._segments[child] = segment
-                self._by_probe.setdefault(probe, []).append(segment)
+                self._by_probe.setdefault(probe, {})[child] = segment
                 self._bytes += segment.size
                 key = child
             while self._bytes > self._max_bytes and self._segments:
@@ -181,7 +205,7 @@ class PrefixStore:
         del self._segments[key]
         self._bytes -= segment.size
         siblings = self._by_probe[segment.probe]
-        siblings.remove(segment)
+        del siblings[key]
         if not siblings:
             del self._by_probe[segment.probe]
 

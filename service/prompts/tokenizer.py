@@ -20,6 +20,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any, Final
 
+import structlog
 from tokenizers import Tokenizer
 
 from service.prompts.boundaries import CutRule, splice_hazard
@@ -40,6 +41,11 @@ SPECIAL_TOKEN_NAMES: Final = (
 """``tokenizer_config.json`` keys that chat templates see as variables, as in transformers."""
 
 _WRAPPER_PROBES: Final = ("a", "Hello, world!", "x y 1 2 ...")
+# Live checks of the splice property (``TextTokenizer._due_for_check``).
+_CHECK_FIRST: Final = 16
+_CHECK_EVERY: Final = 1000
+
+_log = structlog.get_logger("kv_cache.prompts")
 
 _Wrapper = tuple[tuple[int, ...], tuple[int, ...]]
 
@@ -82,6 +88,7 @@ class TextTokenizer:
         self.hazard = splice_hazard(body, spec, rule) if store_bytes > 0 else "disabled"
         """Why the prefix store is not used, or None when it is."""
         self.store = PrefixStore(store_bytes, rule, stride=stride) if self.hazard is None else None
+        self._finished = 0  # finish() calls that cut their rest into pieces
 
     @classmethod
     def from_files(cls, files: TokenizerFiles, *, store_bytes: int) -> TextTokenizer:
@@ -127,11 +134,34 @@ class TextTokenizer:
         pieces = [text[begin:end] for begin, end in pairwise(bounds)]
         encodings = self._body.encode_batch_fast(pieces, add_special_tokens=False)
         piece_ids = [encoding.ids for encoding in encodings]
+        if len(piece_ids) > 1 and self._due_for_check():
+            whole = self._body.encode_batch_fast([text[splice.start :]], add_special_tokens=False)
+            if [i for piece in piece_ids for i in piece] != whole[0].ids:
+                self._splice_failed(text)
+                ids.fromlist(whole[0].ids)
+                return ids
         if self.store is not None and len(piece_ids) > 1:
             self.store.store(splice, piece_ids[:-1])
         for piece in piece_ids:
             ids.fromlist(piece)
         return ids
+
+    def _due_for_check(self) -> bool:
+        """Whether this call should also tokenise its rest whole, as a live check of the
+        splice property: the first ``_CHECK_FIRST`` calls, then one in ``_CHECK_EVERY``."""
+        self._finished += 1
+        return self._finished <= _CHECK_FIRST or self._finished % _CHECK_EVERY == 0
+
+    def _splice_failed(self, text: str) -> None:
+        """Pieces cut at checkpoints did not tokenise as the whole: turn the store off for
+        good (every later prompt is tokenised whole) and say so."""
+        self.store = None
+        self.hazard = "tokenising at checkpoints differed from tokenising whole on a prompt"
+        _log.error(
+            "prefix store turned off: spliced token ids differ from a whole tokenisation",
+            chars=len(text),
+            hint="please report the tokenizer; prompts are tokenised whole from now on",
+        )
 
     def body_ids(self, text: str) -> array[int]:
         """Ids of ``text`` without special tokens, as vLLM tokenises a rendered chat."""

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.harness import Daemon, Engine, daemon, free_port, wait_for
+from tests.e2e.harness import ROOT, Daemon, Engine, daemon, free_port, wait_for
 from tests.support.vllm_wire import cleared, pack, raw, removed, stored
 
 MODEL = "qwen/qwen3"
@@ -243,6 +246,32 @@ def test_sigterm_exits_cleanly_within_five_seconds() -> None:
     assert code == 0, logs
     assert elapsed < 5.0
     assert '"stopped"' in logs
+
+
+def test_a_taken_http_port_exits_1_naming_it() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KV_CACHE_")}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "service",
+                "serve",
+                *("--api-host", "127.0.0.1", "--api-port", str(port)),
+                *("--grpc-host", "127.0.0.1", "--grpc-port", str(free_port())),
+                *("--zmq-endpoint", f"tcp://127.0.0.1:{free_port()}"),
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 1, result.stderr.decode()[-2000:]  # not a crash at exit
+    assert f"cannot serve HTTP on 127.0.0.1:{port}".encode() in result.stderr
 
 
 @pytest.mark.parametrize(

@@ -72,15 +72,17 @@ async def serving(queries: QueryService, port: int = 0) -> AsyncIterator[str]:
         await api.stop(None)
 
 
-async def both(target: str, method: str, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+async def both(
+    target: str, method: str, *args: Any, packed: bool = True, **kwargs: Any
+) -> tuple[Any, Any]:
     """``method`` answered by a KVCacheClient and by an AsyncKVCacheClient."""
 
     def blocking() -> Any:
-        with KVCacheClient(target, timeout=PATIENT) as client:
+        with KVCacheClient(target, timeout=PATIENT, packed_token_ids=packed) as client:
             return getattr(client, method)(*args, **kwargs)
 
     answer = await asyncio.to_thread(blocking)
-    async with AsyncKVCacheClient(target, timeout=PATIENT) as client:
+    async with AsyncKVCacheClient(target, timeout=PATIENT, packed_token_ids=packed) as client:
         return answer, await getattr(client, method)(*args, **kwargs)
 
 
@@ -147,6 +149,8 @@ def test_locality_is_the_rest_answer(fields: dict[str, Any], pods: list[str]) ->
         async with serving(queries) as target:
             localities = await both(target, "locality", MODEL, **fields)
             scores = await both(target, "score", MODEL, **fields)
+            # Token ids as the repeated field (for services older than token_ids_packed).
+            assert await both(target, "locality", MODEL, packed=False, **fields) == localities
         for locality in localities:
             assert isinstance(locality, Locality)
             assert json.loads(json.dumps(dataclasses.asdict(locality))) == rest

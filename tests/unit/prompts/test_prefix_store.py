@@ -160,6 +160,35 @@ def test_the_store_stays_within_its_byte_bound_and_stays_exact() -> None:
     assert stats.segments > 0
 
 
+def test_many_continuations_of_one_prefix_are_each_found_exactly() -> None:
+    """A shared system prompt, then different texts: past a handful of stored continuations
+    under one probe, the lookup finds the right one by its checkpoint, not by a scan."""
+    stride = 256
+    tokenizer = TextTokenizer(tokenizer_json("llama3"), {}, store_bytes=1 << 24, stride=stride)
+    reference = Tokenizer.from_str(tokenizer_json("llama3"))
+    store = tokenizer.store
+    assert store is not None
+    system = " ".join(CORPUS)[:300]
+    words = " ".join(CORPUS).split()
+    # The segment from the first checkpoint (~256) on starts inside the shared text, so
+    # every text's second segment has the same probe; the texts differ from ~300 on.
+    texts = [f"{system} {' '.join(words[i:] + words[:i])} {i}" for i in range(40)]
+    for text in texts:
+        tokenizer.body_ids(text)
+    assert max(len(siblings) for siblings in store._by_probe.values()) > 4
+    for text in texts:
+        splice = store.lookup(text)
+        assert splice.start > stride  # past the shared segment
+        assert (
+            splice.ids.tolist()
+            == reference.encode(text[: splice.start], add_special_tokens=False).ids
+        )
+        assert (
+            tokenizer.finish(splice).tolist()
+            == reference.encode(text, add_special_tokens=False).ids
+        )
+
+
 def test_a_store_of_zero_bytes_is_off() -> None:
     tokenizer = TextTokenizer(tokenizer_json("llama3"), {}, store_bytes=0)
     assert tokenizer.store is None

@@ -102,3 +102,27 @@ def test_unreadable_files_are_named(tmp_path: Path) -> None:
     (directory / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
     with pytest.raises(TokenizerFileError, match=r"m/tokenizer\.json"):
         TextTokenizer.from_files(files, store_bytes=0)
+
+
+class _CutsInsideWords:
+    """A broken cut rule: checkpoints every 5 characters, inside words."""
+
+    def checkpoints(self, text: str, stride: int, after: int = 0, *, min_gap: int = 1) -> list[int]:
+        return list(range(after + 5, len(text) - 1, 5))
+
+    def next_checkpoint(
+        self, text: str, stride: int, after: int = 0, *, min_gap: int = 1
+    ) -> int | None:
+        return after + 5 if after + 5 < len(text) - 1 else None
+
+
+def test_a_splice_that_changes_the_ids_turns_the_store_off_and_the_ids_stay_exact() -> None:
+    tokenizer = TextTokenizer(tokenizer_json("llama3"), {}, store_bytes=1 << 20)
+    reference = Tokenizer.from_str(tokenizer_json("llama3"))
+    assert tokenizer.store is not None
+    tokenizer.store._rule = _CutsInsideWords()  # type: ignore[assignment]
+    text = " ".join(CORPUS)
+    assert tokenizer.body_ids(text).tolist() == reference.encode(text, add_special_tokens=False).ids
+    assert tokenizer.store is None
+    assert tokenizer.hazard is not None and "differed" in tokenizer.hazard
+    assert tokenizer.body_ids(text).tolist() == reference.encode(text, add_special_tokens=False).ids
