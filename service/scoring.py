@@ -8,12 +8,19 @@ pod holds on any tier; ``score`` weighs each of those blocks by its best tier an
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Final
 
 from service.events.model import Tier
 from service.index.protocol import PodMatch, PodRank
 
 __all__ = ["Locality", "PodScore", "TierWeights", "score_matches"]
+
+_TIER_SETS: Final = range(1 << len(Tier))
+_LABELS_OF_SET: Final = tuple(
+    tuple(tier.label for tier in Tier if tier_set >> tier & 1) for tier_set in _TIER_SETS
+)
+"""The tier labels in each bitmask of ``1 << Tier`` (read per query, so made once)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,12 +30,18 @@ class TierWeights:
     gpu: float = 1.0
     cpu: float = 0.8
     disk: float = 0.5
+    _best: tuple[float, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("gpu", "cpu", "disk"):
             weight = getattr(self, name)
             if not 0.0 <= weight <= 1.0:
                 raise ValueError(f"tier weight {name} must be within [0, 1], got {weight}")
+        best = tuple(
+            max((self.of(t) for t in Tier if tier_set >> t & 1), default=0.0)
+            for tier_set in _TIER_SETS
+        )
+        object.__setattr__(self, "_best", best)
 
     def of(self, tier: Tier) -> float:
         weight: float = getattr(self, tier.label)
@@ -36,7 +49,7 @@ class TierWeights:
 
     def best(self, tier_set: int) -> float:
         """Weight of the best tier in a bitmask of ``1 << Tier``."""
-        return max((self.of(t) for t in Tier if tier_set >> t & 1), default=0.0)
+        return self._best[tier_set]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,10 +99,10 @@ def score_matches(
 def _score(match: PodMatch, total_blocks: int, weights: TierWeights) -> PodScore:
     tiers: dict[str, int] = {}
     weighted = 0.0
+    best = weights.best
     for tier_set, count in match.prefix_tiers.items():
-        weighted += weights.best(tier_set) * count
-        for tier in Tier:
-            if tier_set >> tier & 1:
-                tiers[tier.label] = tiers.get(tier.label, 0) + count
+        weighted += best(tier_set) * count
+        for label in _LABELS_OF_SET[tier_set]:
+            tiers[label] = tiers.get(label, 0) + count
     score = min(1.0, weighted / total_blocks) if total_blocks else 0.0
     return PodScore(match.pod, match.match_length, match.block_count, tiers, score)

@@ -75,6 +75,7 @@ class _Shard:
     """Everything the index holds for one model."""
 
     __slots__ = (
+        "by_route",
         "count",
         "free_slots",
         "holders",
@@ -89,6 +90,8 @@ class _Shard:
 
     def __init__(self) -> None:
         self.holders: list[dict[int, int]] = new_buckets()
+        # holders[ROUTE[v]] for every routing value v: one subscript per key, not two.
+        self.by_route: list[dict[int, int]] = [self.holders[bucket] for bucket in ROUTE]
         self.slot_of: dict[PodRank, int] = {}
         self.pod_of: dict[int, PodRank] = {}
         self.count: dict[int, int] = {}
@@ -184,7 +187,7 @@ class MemoryIndex:
     def _store(
         self, shard: _Shard, slot: int, keys: Sequence[int], tier: Tier, now_gen: int
     ) -> None:
-        holders = shard.holders
+        by_route = shard.by_route
         shift = 8 * slot
         gen_bits = (now_gen % _GEN_MOD) << _GEN_SHIFT
         fresh = (_HELD | _tier_bit(tier) | gen_bits) << shift
@@ -192,7 +195,7 @@ class MemoryIndex:
         log = self._log_for(shard, slot, now_gen)
         added = 0
         for key in keys:
-            bucket = holders[ROUTE[key & ROUTE_MASK]]
+            bucket = by_route[key & ROUTE_MASK]
             value = bucket.get(key, 0)
             old = (value >> shift) & _FIELD
             if not old & _HELD:
@@ -209,12 +212,12 @@ class MemoryIndex:
         self._entries += added
 
     def _remove(self, shard: _Shard, slot: int, keys: Iterable[int], tier: Tier) -> None:
-        holders = shard.holders
+        by_route = shard.by_route
         shift = 8 * slot
         tier_bit = _tier_bit(tier)
         removed = 0
         for key in keys:
-            bucket = holders[ROUTE[key & ROUTE_MASK]]
+            bucket = by_route[key & ROUTE_MASK]
             value = bucket.get(key)
             if value is None:
                 continue
@@ -307,7 +310,7 @@ class MemoryIndex:
         """
         gen_log = shard.log[0]
         gen_bits = (gen_log.gen % _GEN_MOD) << _GEN_SHIFT
-        holders = shard.holders
+        by_route = shard.by_route
         visited = evicted = 0
         by_slot = gen_log.keys_by_slot
         while by_slot:
@@ -324,7 +327,7 @@ class MemoryIndex:
             while index < stop:
                 key = keys[index]
                 index += 1
-                bucket = holders[ROUTE[key & ROUTE_MASK]]
+                bucket = by_route[key & ROUTE_MASK]
                 value = bucket.get(key)
                 if value is None:
                     continue
@@ -352,13 +355,13 @@ class MemoryIndex:
         return visited, evicted
 
     def _wipe_retired(self, shard: _Shard, budget: int | None) -> int:
-        holders = shard.holders
+        by_route = shard.by_route
         visited = 0
         while shard.wipe and (budget is None or visited < budget):
             slot, keys = shard.wipe.popleft()
             mask = ~(_FIELD << (8 * slot))
             for key in keys:
-                bucket = holders[ROUTE[key & ROUTE_MASK]]
+                bucket = by_route[key & ROUTE_MASK]
                 value = bucket.get(key)
                 if value is None:
                     continue
@@ -391,8 +394,8 @@ class MemoryIndex:
             slots = {shard.slot_of[p]: p for p in pods if p in shard.slot_of}
         if not slots:
             return []
-        holders = shard.holders
-        values = [holders[ROUTE[key & ROUTE_MASK]].get(key, 0) for key in keys]
+        by_route = shard.by_route
+        values = [by_route[key & ROUTE_MASK].get(key, 0) for key in keys]
         # Fields are read from the raw values: a slot's held bit survives an AND of values
         # exactly while the slot holds every block so far, so running[i] tells who holds
         # blocks 0..i, and the bits of other fields never mix into it.

@@ -213,41 +213,45 @@ class _EngineKeys:
     each holding at most its share of the bound and forgetting its oldest first. A bound
     under 16,384 (~16 per dict) keeps one dict, so its LRU stays exact where it matters."""
 
-    __slots__ = ("_limits", "_parts", "_route")
+    __slots__ = ("_by_route", "_limit_by_route", "_parts")
 
     def __init__(self, bound: int) -> None:
         if bound >= _SPLIT_FROM:
-            self._route = ROUTE
+            route = ROUTE
             self._parts: list[dict[EngineHash, int]] = new_buckets()
-            self._limits = [max(1, bound * share // len(ROUTE)) for share in SHARES]
+            limits = [max(1, bound * share // len(ROUTE)) for share in SHARES]
         else:
-            self._route = _ONE_DICT
+            route = _ONE_DICT
             self._parts = [{}]
-            self._limits = [bound]
+            limits = [bound]
+        # Per routing value (a key's low 12 bits): its dict and that dict's bound.
+        self._by_route = [self._parts[bucket] for bucket in route]
+        self._limit_by_route = [limits[bucket] for bucket in route]
 
     def __len__(self) -> int:
         return sum(map(len, self._parts))
 
     def get(self, engine_hash: EngineHash) -> int | None:
-        return self._parts[self._route[engine_hash & ROUTE_MASK]].get(engine_hash)
+        return self._by_route[engine_hash & ROUTE_MASK].get(engine_hash)
 
     def touch(self, engine_hash: EngineHash) -> int | None:
         """The key, now counted as the most recently stored."""
-        part = self._parts[self._route[engine_hash & ROUTE_MASK]]
+        part = self._by_route[engine_hash & ROUTE_MASK]
         key = part.pop(engine_hash, None)
         if key is not None:
             part[engine_hash] = key
         return key
 
     def update(self, hashes: Sequence[EngineHash], keys: Sequence[int]) -> None:
-        parts, limits, route = self._parts, self._limits, self._route
+        by_route, limit_by_route = self._by_route, self._limit_by_route
         for engine_hash, key in zip(hashes, keys, strict=True):
-            bucket = route[engine_hash & ROUTE_MASK]
-            part = parts[bucket]
+            value = engine_hash & ROUTE_MASK
+            part = by_route[value]
             part[engine_hash] = key
-            if len(part) > limits[bucket]:
+            if len(part) > limit_by_route[value]:
                 # Forget a slice at a time: deleting from a dict's front is cheap in bulk.
-                for old in list(islice(part, max(1, limits[bucket] // 100))):
+                limit = limit_by_route[value]
+                for old in list(islice(part, max(1, limit // 100))):
                     del part[old]
 
 
