@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python -m loadtest.bench_ingest --memory
 	$(BIN)/python -m loadtest.bench_service
 	$(BIN)/python -m loadtest.sim --quick
+	$(BIN)/python -m loadtest.bench_prompts
 
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py
