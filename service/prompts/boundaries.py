@@ -114,23 +114,29 @@ class CutRule:
             raise ValueError(f"min_gap must be in [1, stride], got {min_gap}")
         cuts: list[int] = []
         search = self._pattern.search
-        mark = -(-(after + min_gap) // stride) * stride
+        mark = _next_mark(after, stride, min_gap)
         while (found := search(text, mark)) is not None:
             cut = found.start()
             cuts.append(cut)
-            mark = -(-(cut + min_gap) // stride) * stride
+            mark = _next_mark(cut, stride, min_gap)
         return cuts
 
     def next_checkpoint(
         self, text: str, stride: int, after: int = 0, *, min_gap: int = 1
     ) -> int | None:
         """The first of ``checkpoints(text, stride, after, min_gap=min_gap)``, or None."""
-        found = self._pattern.search(text, -(-(after + min_gap) // stride) * stride)
+        found = self._pattern.search(text, _next_mark(after, stride, min_gap))
         return None if found is None else found.start()
 
     def all_cuts(self, text: str) -> list[int]:
         """Every safe cut of ``text``, in order."""
         return [found.start() for found in self._pattern.finditer(text)]
+
+
+def _next_mark(cut: int, stride: int, min_gap: int) -> int:
+    """Where the search for the checkpoint after ``cut`` starts: the first multiple of
+    ``stride`` at least ``min_gap`` past it."""
+    return -(-(cut + min_gap) // stride) * stride
 
 
 def splice_hazard(tokenizer: Tokenizer, spec: Mapping[str, Any], rule: CutRule) -> str | None:

@@ -27,12 +27,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+from service.index.keys import TOKEN_TYPECODE
 from service.prompts.boundaries import CutRule
 
 __all__ = ["TOKEN_TYPECODE", "PrefixStore", "PrefixStoreStats", "Splice"]
 
-TOKEN_TYPECODE: Final = next(code for code in "IL" if array(code).itemsize == 4)
-"""A uint32 array typecode: token ids are kept 4 bytes each."""
 
 # A segment's cost beyond its text and ids: the _Segment object, its OrderedDict slot and
 # link, the key int, its probe entry (~270 bytes; 206 measured with tracemalloc over 20,000
