@@ -9,8 +9,14 @@ FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 WORKDIR /src
+# A compiler and xxhash.h for the optional C extension (setup.py); the runtime stage needs
+# neither: xxhash is compiled in. Versions follow the base image's Debian release.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev libxxhash-dev \
+    && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/kv-cache
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY service/ ./service/
 # pip compiles every installed module, so the runtime never writes bytecode.
 RUN /opt/kv-cache/bin/pip install --quiet --upgrade pip \

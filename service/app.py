@@ -27,6 +27,7 @@ from service.config import Settings
 from service.discovery import PodWatcher
 from service.events.replay import Replayer
 from service.events.subscriber import PodEndpoint, Subscriber, offset_port
+from service.index import loops
 from service.index.memory import MemoryIndex
 from service.ingest import Ingestor
 from service.logging import configure_logging
@@ -216,6 +217,7 @@ class Service:
             discovery=settings.discovery.enabled,
             index_backend=settings.index.backend,
             event_loop=type(asyncio.get_running_loop()).__module__.partition(".")[0],
+            native_loops=loops.NATIVE,
         )
 
     async def _serve_http(self) -> None:

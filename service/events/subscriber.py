@@ -13,6 +13,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 import zmq
@@ -22,10 +23,11 @@ __all__ = ["Frame", "PodEndpoint", "Source", "Subscriber", "offset_port"]
 
 log = structlog.get_logger("kv_cache.subscriber")
 
+# Frames taken from one socket per round, so one busy engine cannot hold up the others.
 _DRAIN_MAX = 256
-# After a wake-up, a socket rests this long before it is read again, so a steady stream is
-# taken a few frames per loop wake-up rather than one (each wake-up costs the loop ~0.1 ms
-# of asyncio and zmq.asyncio overhead); frames wait in ZeroMQ's queue meanwhile.
+# Between rounds that found frames the reader rests this long, so a steady stream is taken
+# a few frames per loop wake-up rather than one (a wake-up through zmq.asyncio costs the
+# loop ~30 us); frames wait in ZeroMQ's queue meanwhile.
 _REST_SECONDS = 0.001
 
 
@@ -72,8 +74,25 @@ def offset_port(endpoint: str, offset: int) -> str:
     return f"tcp://{host}:{int(port) + offset}"
 
 
+class _Reader:
+    """One SUB socket, its synchronous twin for non-blocking drains, and who sends on it."""
+
+    __slots__ = ("socket", "source", "sync")
+
+    def __init__(self, socket: zmq.asyncio.Socket, source: Source) -> None:
+        self.socket = socket
+        # The same socket, synchronous: drains without a future or a loop wake-up per frame.
+        self.sync: zmq.Socket[bytes] = zmq.Socket.shadow(socket.underlying)
+        self.source = source
+
+
 class Subscriber:
-    """Owns the SUB sockets and one reader task per socket; hands frames to ``sink``.
+    """Owns the SUB sockets and one task that reads them all; hands frames to ``sink``.
+
+    The task drains every socket without blocking, rests ``_REST_SECONDS`` and drains again
+    while frames keep coming; when a round finds none it waits until any socket is readable.
+    A steady stream so costs one loop wake-up per rest, whatever the number of engines,
+    rather than one per frame per engine.
 
     ``on_bad_frame`` gets a reason for frames that are not ``[topic, seq(8 bytes), payload]``.
     """
@@ -90,7 +109,10 @@ class Subscriber:
         self._topic = topic_filter.encode()
         self._sink = sink
         self._on_bad_frame = on_bad_frame
-        self._tasks: dict[str, list[asyncio.Task[None]]] = {}
+        self._readers: dict[str, list[_Reader]] = {}
+        self._retired: list[_Reader] = []
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
         self.bound: list[str] = []
 
     def bind(self, endpoint: str, data_parallel_size: int = 1) -> list[str]:
@@ -98,10 +120,14 @@ class Subscriber:
         bound = []
         for rank in range(data_parallel_size):
             socket = self._socket()
-            socket.bind(offset_port(endpoint, rank))
+            try:
+                socket.bind(offset_port(endpoint, rank))
+            except BaseException:
+                socket.close(linger=0)
+                raise
             last: str = socket.getsockopt_string(zmq.LAST_ENDPOINT)
             bound.append(last)
-            self._start(f"bind:{last}", socket, Source(rank=rank))
+            self._add(f"bind:{last}", _Reader(socket, Source(rank=rank)))
         self.bound.extend(bound)
         log.info("zmq bound", endpoints=bound, topic_filter=self._topic.decode())
         return bound
@@ -119,7 +145,7 @@ class Subscriber:
             )
             socket = self._socket()
             socket.connect(offset_port(pod.endpoint, rank))
-            self._start(pod.pod_id, socket, source)
+            self._add(pod.pod_id, _Reader(socket, source))
         log.info(
             "zmq connected to pod",
             pod=pod.pod_id,
@@ -129,15 +155,21 @@ class Subscriber:
         )
 
     def disconnect(self, pod_id: str) -> None:
-        for task in self._tasks.pop(pod_id, []):
-            task.cancel()
+        readers = self._readers.pop(pod_id, [])
+        if readers:
+            # Closed by the reader task, which may be waiting on them right now.
+            self._retired.extend(readers)
+            self._changed.set()
 
     async def close(self) -> None:
-        tasks = [t for group in self._tasks.values() for t in group]
-        self._tasks.clear()
-        for task in tasks:
+        task, self._task = self._task, None
+        if task is not None:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(task, return_exceptions=True)
+        for readers in self._readers.values():
+            self._retired.extend(readers)
+        self._readers.clear()
+        self._close_retired()
 
     def _socket(self) -> zmq.asyncio.Socket:
         socket = self._context.socket(zmq.SUB)
@@ -146,26 +178,57 @@ class Subscriber:
         socket.setsockopt(zmq.SUBSCRIBE, self._topic)
         return socket
 
-    def _start(self, key: str, socket: zmq.asyncio.Socket, source: Source) -> None:
-        task = asyncio.create_task(self._read(socket, source), name=f"zmq-sub {key}")
-        self._tasks.setdefault(key, []).append(task)
+    def _add(self, key: str, reader: _Reader) -> None:
+        self._readers.setdefault(key, []).append(reader)
+        self._changed.set()
+        if self._task is None:
+            self._task = asyncio.create_task(self._read(), name="zmq-sub")
 
-    async def _read(self, socket: zmq.asyncio.Socket, source: Source) -> None:
-        # The same socket, synchronous: takes what else is already waiting without a loop
-        # wake-up or a future per frame.
-        waiting: zmq.Socket[bytes] = zmq.Socket.shadow(socket.underlying)
-        try:
-            while True:
-                self._accept(await socket.recv_multipart(), source)
+    def _close_retired(self) -> None:
+        for reader in self._retired:
+            reader.socket.close(linger=0)
+        self._retired.clear()
+
+    async def _read(self) -> None:
+        while True:
+            self._close_retired()
+            if self._drain():
+                await asyncio.sleep(_REST_SECONDS)
+            else:
+                await self._until_readable()
+
+    def _drain(self) -> int:
+        """Takes what is waiting on every socket, up to ``_DRAIN_MAX`` frames each."""
+        taken = 0
+        for readers in list(self._readers.values()):
+            for reader in readers:
+                receive, source = reader.sync.recv_multipart, reader.source
                 for _ in range(_DRAIN_MAX):
                     try:
-                        frames = waiting.recv_multipart(zmq.NOBLOCK)
+                        frames = receive(zmq.NOBLOCK)
                     except zmq.Again:
                         break
                     self._accept(frames, source)
-                await asyncio.sleep(_REST_SECONDS)
+                    taken += 1
+        return taken
+
+    async def _until_readable(self) -> None:
+        """Returns once any socket is readable, or the set of sockets changed."""
+        self._changed.clear()
+        poller = zmq.asyncio.Poller()
+        for readers in self._readers.values():
+            for reader in readers:
+                poller.register(reader.socket, zmq.POLLIN)
+        changed = asyncio.ensure_future(self._changed.wait())
+        waits: set[asyncio.Future[Any]] = {changed}
+        if poller.sockets:
+            waits.add(asyncio.ensure_future(poller.poll()))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            socket.close(linger=0)
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
 
     def _accept(self, frames: list[bytes], source: Source) -> None:
         if len(frames) != 3 or len(frames[1]) != 8:

@@ -26,6 +26,8 @@ from typing import Final, Literal, Protocol, get_args
 import cbor2
 import xxhash
 
+from service.index.loops import chain_keys
+
 __all__ = [
     "DEFAULT_MAX_PARENTS",
     "TOKEN_TYPECODE",
@@ -167,17 +169,7 @@ class TokenKeys:
             key = parent
         else:
             raise ValueError(f"parent must be an unsigned 64-bit int, got {parent!r}")
-        # Measured fastest on CPython 3.11: bytes slices beat memoryview slices and struct
-        # packing (docs/performance.md, "Block keys").
-        step = block_size * 4
-        end = len(data) - len(data) % step
-        keys: list[int] = []
-        append = keys.append
-        digest = xxhash.xxh3_64_intdigest
-        for offset in range(0, end, step):
-            key = digest(data[offset : offset + step], key)
-            append(key)
-        return keys
+        return chain_keys(data, block_size * 4, key)
 
 
 _TOKENS_DOMAIN: Final = b"kv-cache/tokens/v1\x00"

@@ -30,6 +30,7 @@ from time import monotonic
 
 from service.events.model import Tier
 from service.index.buckets import ROUTE, ROUTE_MASK, new_buckets
+from service.index.loops import lookup_values, store_fields
 from service.index.protocol import (
     EVICTION_REASONS,
     ClearPod,
@@ -187,27 +188,11 @@ class MemoryIndex:
     def _store(
         self, shard: _Shard, slot: int, keys: Sequence[int], tier: Tier, now_gen: int
     ) -> None:
-        by_route = shard.by_route
-        shift = 8 * slot
         gen_bits = (now_gen % _GEN_MOD) << _GEN_SHIFT
-        fresh = (_HELD | _tier_bit(tier) | gen_bits) << shift
-        tier_bit = _tier_bit(tier)
-        log = self._log_for(shard, slot, now_gen)
-        added = 0
-        for key in keys:
-            bucket = by_route[key & ROUTE_MASK]
-            value = bucket.get(key, 0)
-            old = (value >> shift) & _FIELD
-            if not old & _HELD:
-                bucket[key] = value | fresh
-                added += 1
-                log.append(key)
-                continue
-            new = (old & _TIERS) | tier_bit | _HELD | gen_bits
-            if new != old:
-                bucket[key] = value ^ ((old ^ new) << shift)
-                if (old ^ new) >> _GEN_SHIFT:
-                    log.append(key)
+        added, to_log = store_fields(
+            shard.by_route, ROUTE_MASK, keys, 8 * slot, _tier_bit(tier), gen_bits
+        )
+        self._log_for(shard, slot, now_gen).extend(to_log)
         shard.count[slot] += added
         self._entries += added
 
@@ -394,8 +379,7 @@ class MemoryIndex:
             slots = {shard.slot_of[p]: p for p in pods if p in shard.slot_of}
         if not slots:
             return []
-        by_route = shard.by_route
-        values = [by_route[key & ROUTE_MASK].get(key, 0) for key in keys]
+        values = lookup_values(shard.by_route, ROUTE_MASK, keys)
         # Fields are read from the raw values: a slot's held bit survives an AND of values
         # exactly while the slot holds every block so far, so running[i] tells who holds
         # blocks 0..i, and the bits of other fields never mix into it.

@@ -32,6 +32,7 @@ from service.events.model import (
 )
 from service.index.buckets import ROUTE, ROUTE_MASK, SHARES, new_buckets
 from service.index.keys import BlockKeyer, HashCheck, VllmKeys
+from service.index.loops import set_routed
 from service.index.protocol import ClearPod, IndexOp, RemoveBlocks, StoreBlocks
 
 __all__ = ["SKIP_REASONS", "EventTranslator", "Translation"]
@@ -243,14 +244,10 @@ class _EngineKeys:
         return key
 
     def update(self, hashes: Sequence[EngineHash], keys: Sequence[int]) -> None:
-        by_route, limit_by_route = self._by_route, self._limit_by_route
-        for engine_hash, key in zip(hashes, keys, strict=True):
-            value = engine_hash & ROUTE_MASK
-            part = by_route[value]
-            part[engine_hash] = key
-            if len(part) > limit_by_route[value]:
+        for route in set_routed(self._by_route, self._limit_by_route, ROUTE_MASK, hashes, keys):
+            part, limit = self._by_route[route], self._limit_by_route[route]
+            if len(part) > limit:
                 # Forget a slice at a time: deleting from a dict's front is cheap in bulk.
-                limit = limit_by_route[value]
                 for old in list(islice(part, max(1, limit // 100))):
                     del part[old]
 

@@ -165,8 +165,8 @@ def test_builder_installs_the_project_as_make_does() -> None:
 
 def test_builder_copies_what_the_wheel_is_built_from() -> None:
     project = pyproject()
-    needed = {project["project"]["readme"], "pyproject.toml"}
-    needed |= set(project["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"])
+    needed = {project["project"]["readme"], "pyproject.toml", "setup.py"}
+    needed |= {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
     copied = {source.rstrip("/") for sources, _ in copies(builder()) for source in sources}
     assert needed <= copied
 

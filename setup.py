@@ -1,0 +1,19 @@
+"""Only the optional C extension; everything else is in pyproject.toml.
+
+``service.index._native`` (service/index/_native.c) needs a C compiler and xxhash.h
+(Debian: ``apt-get install gcc libxxhash-dev``). Without them the build skips it and the
+service runs the same loops in Python (service/index/loops.py), slower.
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "service.index._native",
+            ["service/index/_native.c"],
+            extra_compile_args=["-O2"],
+            optional=True,
+        )
+    ]
+)
