@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: serve test lint typecheck unit bench proto proto-check manifests manifests-check image clean
 
-$(STAMP): pyproject.toml setup.py service/index/_native.c
+$(STAMP): pyproject.toml setup.py service/_native.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'

@@ -11,6 +11,7 @@ last 8 bytes, big-endian, which is what vLLM >= 0.10.2 publishes as an int).
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 
 import msgspec
 
@@ -49,7 +50,8 @@ class BlockStored(msgspec.Struct, frozen=True, gc=False):
 
     block_hashes: tuple[EngineHash, ...]
     parent_block_hash: EngineHash | None
-    token_ids: tuple[int, ...]
+    # A tuple, or a uint32 array when decoded by the native token reader.
+    token_ids: Sequence[int]
     block_size: int
     tier: Tier = Tier.GPU
     lora_name: str | None = None

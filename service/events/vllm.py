@@ -48,6 +48,8 @@ event that still fails goes through a plain-Python check whose sole job is to na
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Generic, TypeVar, cast
 
 import msgspec
@@ -61,6 +63,12 @@ from service.events.model import (
     EventBatch,
     Tier,
 )
+from service.index.keys import TOKEN_TYPECODE
+
+try:
+    from service._native import unpack_tokens
+except ImportError:  # not built: msgspec decodes token ids into Python ints
+    unpack_tokens = None  # type: ignore[assignment]
 
 __all__ = [
     "BATCH_ERROR_REASONS",
@@ -153,7 +161,7 @@ def _hashes(values: tuple[int | bytes, ...]) -> tuple[EngineHash, ...]:
 def _stored(
     hashes: tuple[EngineHash, ...],
     parent: EngineHash | None,
-    token_ids: tuple[int, ...],
+    token_ids: Sequence[int],
     block_size: int,
     lora_id: int | None,
     medium: str | None,
@@ -173,6 +181,8 @@ def _stored(
 
 # --- typed fast path ----------------------------------------------------------------------
 
+_NO_TOKENS = msgspec.Raw(b"")
+
 _Hash = int | Annotated[bytes, msgspec.Meta(min_length=8)]
 _Token = Annotated[int, msgspec.Meta(ge=0, lt=_TOKEN_LIMIT)]
 _NonNegative = Annotated[int, msgspec.Meta(ge=0)]
@@ -183,7 +193,7 @@ _ExtraKeys = list[tuple[Any, ...] | None] | None
 class _ArrayStored(msgspec.Struct, tag="BlockStored", array_like=True, gc=False):
     block_hashes: tuple[_Hash, ...]
     parent_block_hash: _Hash | None
-    token_ids: tuple[_Token, ...] | None
+    token_ids: msgspec.Raw  # nil or uint32 ints: read by _tokens
     block_size: _NonNegative
     lora_id: int | None = None
     medium: str | None = None
@@ -210,7 +220,7 @@ class _ArrayCleared(msgspec.Struct, tag="AllBlocksCleared", array_like=True, gc=
 class _MapStored(msgspec.Struct, tag="BlockStored", tag_field="type", gc=False):
     block_hashes: tuple[_Hash, ...]
     parent_block_hash: _Hash | None = None
-    token_ids: tuple[_Token, ...] | None = None
+    token_ids: msgspec.Raw = _NO_TOKENS  # nil or uint32 ints: read by _tokens
     block_size: _NonNegative = 0
     lora_id: int | None = None
     medium: str | None = None
@@ -240,13 +250,41 @@ def _typed_stored(event: _ArrayStored | _MapStored) -> BlockStored:
     return _stored(
         _hashes(event.block_hashes),
         None if parent is None else _hash(parent),
-        event.token_ids or (),
+        _tokens(event.token_ids),
         event.block_size,
         event.lora_id,
         event.medium,
         event.lora_name,
         None if extra_keys is None else tuple(extra_keys),
     )
+
+
+def _native_tokens(raw: msgspec.Raw) -> Sequence[int]:
+    """Token ids as a uint32 array (no Python int per token); the keys take it as is."""
+    try:
+        packed = unpack_tokens(raw)
+    except ValueError:
+        raise _Skip("bad_field") from None
+    tokens = array(TOKEN_TYPECODE)
+    tokens.frombytes(packed)
+    return tokens
+
+
+_TOKENS = msgspec.msgpack.Decoder(tuple[_Token, ...] | None)
+
+
+def _python_tokens(raw: msgspec.Raw) -> Sequence[int]:
+    if not raw:
+        return ()
+    try:
+        return _TOKENS.decode(raw) or ()
+    except _UNDECODABLE:
+        raise _Skip("bad_field") from None
+
+
+_tokens: Callable[[msgspec.Raw], Sequence[int]] = (
+    _native_tokens if unpack_tokens is not None else _python_tokens
+)
 
 
 _ArrayEvent = _ArrayStored | _ArrayRemoved | _ArrayCleared

@@ -1,9 +1,9 @@
 """The per-block loops of key hashing and index lookup: native when built, else Python.
 
-``service/index/_native.c`` implements each loop in C (~7x faster for a 512-block prompt,
+``service/_native.c`` implements each loop in C (~7x faster for a 512-block prompt,
 docs/performance.md "Native loops"); the functions here are the reference, used when the
 extension was not built (no C compiler or no xxhash.h at install time) and compared with it
-in tests/test_native.py. ``NATIVE`` says which one runs; the service logs it at start-up.
+in tests/unit/test_native.py. ``NATIVE`` says which one runs; the service logs it at start-up.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def py_lookup_values(
     by_route: list[dict[int, int]], mask: int, keys: Sequence[int], /
 ) -> list[int]:
     """``by_route[key & mask].get(key, 0)`` for every key."""
-    if mask >= len(by_route):
+    if not 0 <= mask < len(by_route):
         raise ValueError("mask selects past the end of by_route")
     return [by_route[key & mask].get(key, 0) for key in keys]
 
@@ -74,9 +74,9 @@ def py_store_fields(
     the tier and takes the generation. Returns how many keys the slot did not hold, and the
     keys whose generation changed (the caller logs them for TTL expiry).
     """
-    if mask >= len(by_route):
+    if not 0 <= mask < len(by_route):
         raise ValueError("mask selects past the end of by_route")
-    if shift < 0 or tier_bit & ~TIERS or gen_bits & (HELD | TIERS | ~FIELD):
+    if shift < 0 or tier_bit < 0 or tier_bit & ~TIERS or gen_bits & (HELD | TIERS | ~FIELD):
         raise ValueError("bad shift, tier bit or generation bits")
     fresh = (HELD | tier_bit | gen_bits) << shift
     added = 0
@@ -108,7 +108,7 @@ def py_set_routed(
 ) -> list[int]:
     """``by_route[key & mask][key] = value`` for each pair; returns the routing values whose
     dict then holds more than its limit (repeats possible), for the caller to trim."""
-    if mask >= len(by_route) or mask >= len(limits):
+    if not 0 <= mask < min(len(by_route), len(limits)):
         raise ValueError("mask selects past the end of by_route or limits")
     if len(keys) != len(values):
         raise ValueError("keys and values differ in length")
@@ -123,7 +123,7 @@ def py_set_routed(
 
 
 try:
-    from service.index._native import chain_keys, lookup_values, set_routed, store_fields
+    from service._native import chain_keys, lookup_values, set_routed, store_fields
 
     NATIVE = True
 except ImportError:  # not built: the reference loops run

@@ -1,21 +1,24 @@
-"""The C loops (service/index/_native.c) against their Python reference (loops.py): same
-results on the same inputs, and the same refusals of bad ones."""
+"""The C loops (service/_native.c) against their Python reference (loops.py, and msgspec
+for token ids): same results on the same inputs, and the same refusals of bad ones."""
 
 from __future__ import annotations
 
 from array import array
+from typing import Annotated
 
+import msgspec
 import pytest
 import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.index import loops
+from service.index.keys import TOKEN_TYPECODE
 
 try:
-    from service.index import _native
+    from service import _native
 except ImportError:  # not built here (no compiler or xxhash.h): nothing to compare
-    pytest.skip("service.index._native is not built", allow_module_level=True)
+    pytest.skip("service._native is not built", allow_module_level=True)
 
 U64 = st.integers(0, 2**64 - 1)
 MASK = 15
@@ -125,3 +128,83 @@ def test_a_key_that_is_not_an_int_is_a_type_error() -> None:
         _native.lookup_values(buckets(), MASK, [1, "2"])  # type: ignore[list-item]
     with pytest.raises(TypeError):
         _native.store_fields(buckets(), MASK, [1.5], 0, 2, 0)  # type: ignore[list-item]
+
+
+# --- token ids: msgpack reader against msgspec's typed decode ---------------------------
+
+_TOKEN_IDS = msgspec.msgpack.Decoder(
+    tuple[Annotated[int, msgspec.Meta(ge=0, lt=2**32)], ...] | None
+)
+
+
+def _reference_tokens(raw: bytes) -> bytes | None:
+    """Packed uint32 as msgspec's typed decode reads the value; None where it refuses. No
+    bytes at all stand for an absent field (a map event without token_ids)."""
+    if not raw:
+        return b""
+    try:
+        tokens = _TOKEN_IDS.decode(raw)
+    except msgspec.DecodeError:
+        return None
+    return array(TOKEN_TYPECODE, tokens or ()).tobytes()
+
+
+def _int_forms(value: int) -> list[bytes]:
+    """Every msgpack encoding of ``value``, canonical or not (vLLM's msgspec writes the
+    shortest; other writers need not)."""
+    forms = []
+    if 0 <= value <= 0x7F:
+        forms.append(bytes([value]))
+    if -32 <= value < 0:
+        forms.append(bytes([value & 0xFF]))
+    for tag, width in ((0xCC, 1), (0xCD, 2), (0xCE, 4), (0xCF, 8)):
+        if 0 <= value < 1 << (8 * width):
+            forms.append(bytes([tag]) + value.to_bytes(width, "big"))
+    for tag, width in ((0xD0, 1), (0xD1, 2), (0xD2, 4), (0xD3, 8)):
+        if -(1 << (8 * width - 1)) <= value < 1 << (8 * width - 1):
+            forms.append(bytes([tag]) + value.to_bytes(width, "big", signed=True))
+    return forms
+
+
+_ELEMENT = st.integers(-(2**63), 2**64 - 1).flatmap(lambda v: st.sampled_from(_int_forms(v))) | (
+    st.sampled_from([b"\xc0", b"\xc2", b"\xc3", b"\xca\x00\x00\x00\x00", b"\xa1x", b"\x90"])
+)
+
+
+@st.composite
+def _token_arrays(draw: st.DrawFn) -> bytes:
+    elements = draw(st.lists(_ELEMENT, max_size=20))
+    count = len(elements) + draw(st.sampled_from([0, 0, 0, 1, -1]))
+    count = max(count, 0)
+    header = draw(
+        st.sampled_from(
+            [
+                bytes([0x90 | count]) if count < 16 else b"\xdc" + count.to_bytes(2, "big"),
+                b"\xdc" + count.to_bytes(2, "big"),
+                b"\xdd" + count.to_bytes(4, "big"),
+            ]
+        )
+    )
+    return header + b"".join(elements) + draw(st.sampled_from([b"", b"", b"\x01"]))
+
+
+@settings(max_examples=500)
+@given(raw=_token_arrays() | st.binary(max_size=12) | st.just(b"\xc0"))
+def test_unpack_tokens_reads_what_msgspec_reads(raw: bytes) -> None:
+    want = _reference_tokens(raw)
+    if want is None:
+        with pytest.raises(ValueError):
+            _native.unpack_tokens(raw)
+    else:
+        assert _native.unpack_tokens(raw) == want
+
+
+def test_unpack_tokens_edges() -> None:
+    top = msgspec.msgpack.encode([0, 127, 128, 2**16, 2**32 - 1])
+    assert array(TOKEN_TYPECODE, [0, 127, 128, 2**16, 2**32 - 1]).tobytes() == (
+        _native.unpack_tokens(top)
+    )
+    assert _native.unpack_tokens(b"") == b""  # a map event without the field
+    for bad in (msgspec.msgpack.encode([2**32]), msgspec.msgpack.encode([-1]), b"\x92\x01"):
+        with pytest.raises(ValueError):
+            _native.unpack_tokens(bad)
