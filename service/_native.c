@@ -14,6 +14,9 @@
  *       [by_route[key & mask].get(key, 0) for key in keys], as MemoryIndex.lookup reads
  *       the packed holder fields of a prompt's blocks.
  *
+ *   summarize(values, slots) -> list[(match_length, blocks_held, prefix_tier_sets)]
+ *       Per slot, one pass over a prompt's packed holder values (loops.py, py_summarize).
+ *
  *   store_fields(by_route, mask, keys, shift, tier_bit, gen_bits) -> (added, to_log)
  *       MemoryIndex's store of blocks into one slot's 8-bit field at bit `shift` of each
  *       key's packed value (see loops.py, py_store_fields, for the rules).
@@ -29,6 +32,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <string.h>
 
 #define XXH_INLINE_ALL
 #include <xxhash.h>
@@ -363,6 +367,187 @@ fail:
     return NULL;
 }
 
+/* The bytes of a non-negative int, least significant first, zero-padded to `size`; -1 with
+ * an exception when it is negative, not an int, or wider than `size` bytes. Byte i is the
+ * field of slot i. */
+static int
+value_bytes(PyObject *value, unsigned char *buffer, size_t size)
+{
+    if (!PyLong_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "values must be ints");
+        return -1;
+    }
+#if PY_VERSION_HEX >= 0x030D0000
+    Py_ssize_t needed = PyLong_AsNativeBytes(
+        value, buffer, (Py_ssize_t)size,
+        Py_ASNATIVEBYTES_LITTLE_ENDIAN | Py_ASNATIVEBYTES_UNSIGNED_BUFFER |
+            Py_ASNATIVEBYTES_REJECT_NEGATIVE);
+    if (needed < 0) {
+        return -1;
+    }
+    if ((size_t)needed > size) {
+        PyErr_SetString(PyExc_OverflowError, "value wider than its slots");
+        return -1;
+    }
+    return 0;
+#else
+    return _PyLong_AsByteArray((PyLongObject *)value, buffer, size, 1, 0);
+#endif
+}
+
+static PyObject *
+summarize(PyObject *module, PyObject *args)
+{
+    PyObject *values_arg, *slots_arg;
+    if (!PyArg_ParseTuple(args, "OO:summarize", &values_arg, &slots_arg)) {
+        return NULL;
+    }
+    PyObject *values = PySequence_Tuple(values_arg);
+    if (values == NULL) {
+        return NULL;
+    }
+    PyObject *slots_tuple = PySequence_Tuple(slots_arg);
+    if (slots_tuple == NULL) {
+        Py_DECREF(values);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    Py_ssize_t slot_count = PyTuple_GET_SIZE(slots_tuple);
+    Py_ssize_t *slots = PyMem_Calloc((size_t)slot_count + 1, sizeof(Py_ssize_t));
+    /* Per slot: match length, blocks held, still matching, leading blocks per tier set. */
+    Py_ssize_t *lengths = PyMem_Calloc((size_t)slot_count + 1, sizeof(Py_ssize_t));
+    Py_ssize_t *held = PyMem_Calloc((size_t)slot_count + 1, sizeof(Py_ssize_t));
+    char *matching = PyMem_Calloc((size_t)slot_count + 1, 1);
+    Py_ssize_t(*tier_sets)[8] = PyMem_Calloc((size_t)slot_count + 1, sizeof(*tier_sets));
+    unsigned char *fields = NULL;
+    if (!slots || !lengths || !held || !matching || !tier_sets) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t width = 8; /* bytes read per value: past the highest slot asked about */
+    for (Py_ssize_t j = 0; j < slot_count; j++) {
+        slots[j] = PyLong_AsSsize_t(PyTuple_GET_ITEM(slots_tuple, j));
+        if (slots[j] == -1 && PyErr_Occurred()) {
+            goto done;
+        }
+        if (slots[j] < 0 || slots[j] > 1 << 20) {
+            PyErr_SetString(PyExc_ValueError, "slot out of range");
+            goto done;
+        }
+        if (slots[j] + 1 > width) {
+            width = slots[j] + 1;
+        }
+        matching[j] = 1;
+    }
+    if ((fields = PyMem_Malloc((size_t)width)) == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t count = PyTuple_GET_SIZE(values);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *value = PyTuple_GET_ITEM(values, i);
+        unsigned long long low;
+        int wide = 0;
+        if (PyLong_CheckExact(value)) {
+            low = PyLong_AsUnsignedLongLong(value);
+            if (low == (unsigned long long)-1 && PyErr_Occurred()) {
+                if (!PyErr_ExceptionMatches(PyExc_OverflowError)) {
+                    goto done;
+                }
+                PyErr_Clear();
+                wide = 1;
+            }
+        }
+        else {
+            wide = 1;
+        }
+        if (wide) {
+            /* Fields past bit 64 (slot 8 and up), or an int subclass: read every byte. Bytes
+             * past the highest slot asked about are ignored, so read the value's own width. */
+            Py_ssize_t bits = PyLong_Check(value) ? (Py_ssize_t)_PyLong_NumBits(value) : -1;
+            if (bits < 0) {
+                if (!PyErr_Occurred()) {
+                    PyErr_SetString(PyExc_TypeError, "values must be ints");
+                }
+                goto done;
+            }
+            Py_ssize_t need = bits / 8 + 1;
+            if (need > width) {
+                unsigned char *grown = PyMem_Realloc(fields, (size_t)need);
+                if (grown == NULL) {
+                    PyErr_NoMemory();
+                    goto done;
+                }
+                fields = grown;
+                width = need;
+            }
+            memset(fields, 0, (size_t)width);
+            if (value_bytes(value, fields, (size_t)width) < 0) {
+                goto done;
+            }
+        }
+        for (Py_ssize_t j = 0; j < slot_count; j++) {
+            unsigned field;
+            if (!wide) {
+                field = slots[j] < 8 ? (unsigned)((low >> (8 * slots[j])) & FIELD) : 0;
+            }
+            else {
+                field = fields[slots[j]];
+            }
+            if (field & HELD) {
+                held[j]++;
+                if (matching[j]) {
+                    lengths[j]++;
+                    tier_sets[j][(field & TIERS) >> 1]++;
+                }
+            }
+            else {
+                matching[j] = 0;
+            }
+        }
+    }
+    if ((result = PyList_New(slot_count)) == NULL) {
+        goto done;
+    }
+    for (Py_ssize_t j = 0; j < slot_count; j++) {
+        PyObject *sets = PyDict_New();
+        if (sets == NULL) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        for (int t = 0; t < 8; t++) {
+            if (tier_sets[j][t] == 0) {
+                continue;
+            }
+            PyObject *key = PyLong_FromLong(t), *number = PyLong_FromSsize_t(tier_sets[j][t]);
+            int failed = key == NULL || number == NULL || PyDict_SetItem(sets, key, number) < 0;
+            Py_XDECREF(key);
+            Py_XDECREF(number);
+            if (failed) {
+                Py_DECREF(sets);
+                Py_CLEAR(result);
+                goto done;
+            }
+        }
+        PyObject *entry = Py_BuildValue("(nnN)", lengths[j], held[j], sets);
+        if (entry == NULL) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyList_SET_ITEM(result, j, entry);
+    }
+done:
+    PyMem_Free(slots);
+    PyMem_Free(lengths);
+    PyMem_Free(held);
+    PyMem_Free(matching);
+    PyMem_Free(tier_sets);
+    PyMem_Free(fields);
+    Py_DECREF(values);
+    Py_DECREF(slots_tuple);
+    return result;
+}
+
 /* Big-endian reads of msgpack's fixed-width fields. */
 static unsigned long long
 read_be(const unsigned char *p, int width)
@@ -473,6 +658,8 @@ static PyMethodDef methods[] = {
      "lookup_values(by_route, mask, keys) -> list[int]: by_route[k & mask].get(k, 0)."},
     {"store_fields", store_fields, METH_VARARGS,
      "store_fields(by_route, mask, keys, shift, tier_bit, gen_bits) -> (added, to_log)."},
+    {"summarize", summarize, METH_VARARGS,
+     "summarize(values, slots) -> list[(match_length, blocks_held, prefix_tier_sets)]."},
     {"unpack_tokens", unpack_tokens, METH_VARARGS,
      "unpack_tokens(raw) -> bytes: a msgpack array of uint32 ints, packed native-endian."},
     {"set_routed", set_routed, METH_VARARGS,

@@ -8,8 +8,11 @@ in tests/unit/test_native.py. ``NATIVE`` says which one runs; the service logs i
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
-from typing import Final
+from itertools import accumulate
+from operator import and_
+from typing import Final, TypeAlias
 
 import xxhash
 
@@ -21,8 +24,10 @@ __all__ = [
     "py_lookup_values",
     "py_set_routed",
     "py_store_fields",
+    "py_summarize",
     "set_routed",
     "store_fields",
+    "summarize",
 ]
 
 # One slot's 8-bit field in a packed holder value (service/index/memory.py).
@@ -30,6 +35,9 @@ FIELD: Final = 0xFF
 HELD: Final = 0x01
 TIERS: Final = 0x0E
 GEN_SHIFT: Final = 4
+
+SlotSummary: TypeAlias = tuple[int, int, dict[int, int]]
+"""(match length, blocks held, leading blocks held by set of tiers)"""
 
 
 def py_chain_keys(data: bytes, step: int, seed: int, /) -> list[int]:
@@ -122,8 +130,56 @@ def py_set_routed(
     return over
 
 
+def py_summarize(values: Sequence[int], slots: Sequence[int], /) -> list[SlotSummary]:
+    """Per slot, over the packed holder values of a prompt's blocks in order: how many
+    leading blocks it holds (match length), how many blocks it holds anywhere, and the
+    leading blocks it holds counted by set of tiers (bitmask of ``1 << Tier``)."""
+    # A slot's held bit survives an AND of values exactly while the slot holds every block
+    # so far, so running[i] tells who holds blocks 0..i; other fields never mix into it.
+    running = list(accumulate(values, and_))
+    lengths = [_prefix_length(running, HELD << (8 * slot)) for slot in slots]
+    # One C-level pass histograms the values, cut where each slot's prefix ends.
+    histogram: Counter[int] = Counter()
+    prefix_tiers: dict[int, dict[int, int]] = {}
+    done = 0
+    for index, length in sorted(enumerate(lengths), key=lambda item: item[1]):
+        histogram.update(values[done:length])
+        done = max(done, length)
+        prefix_tiers[index] = _tier_sets(histogram, 8 * slots[index])
+    histogram.update(values[done:])
+    summaries = []
+    for index, slot in enumerate(slots):
+        shift = 8 * slot
+        held = sum(n for v, n in histogram.items() if (v >> shift) & HELD)
+        summaries.append((lengths[index], held, prefix_tiers[index] if lengths[index] else {}))
+    return summaries
+
+
+def _prefix_length(running: list[int], bit: int) -> int:
+    """Length of the run of ``running`` with ``bit`` set (it is set on a prefix only)."""
+    low, high = 0, len(running)
+    while low < high:
+        mid = (low + high) // 2
+        if running[mid] & bit:
+            low = mid + 1
+        else:
+            high = mid
+    return low
+
+
+def _tier_sets(histogram: Counter[int], shift: int) -> dict[int, int]:
+    """Blocks per set of tiers held by the slot at ``shift``, over a histogram of values."""
+    tier_sets: dict[int, int] = {}
+    for value, count in histogram.items():
+        field = (value >> shift) & FIELD
+        if field & HELD:
+            tiers = (field & TIERS) >> 1
+            tier_sets[tiers] = tier_sets.get(tiers, 0) + count
+    return tier_sets
+
+
 try:
-    from service._native import chain_keys, lookup_values, set_routed, store_fields
+    from service._native import chain_keys, lookup_values, set_routed, store_fields, summarize
 
     NATIVE = True
 except ImportError:  # not built: the reference loops run
@@ -131,4 +187,5 @@ except ImportError:  # not built: the reference loops run
     lookup_values = py_lookup_values
     set_routed = py_set_routed
     store_fields = py_store_fields
+    summarize = py_summarize
     NATIVE = False

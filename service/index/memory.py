@@ -23,14 +23,11 @@ from array import array
 from collections import Counter, deque
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import reduce
-from itertools import accumulate
-from operator import and_, or_
 from time import monotonic
 
 from service.events.model import Tier
 from service.index.buckets import ROUTE, ROUTE_MASK, new_buckets
-from service.index.loops import lookup_values, store_fields
+from service.index.loops import lookup_values, store_fields, summarize
 from service.index.protocol import (
     EVICTION_REASONS,
     ClearPod,
@@ -380,35 +377,14 @@ class MemoryIndex:
         if not slots:
             return []
         values = lookup_values(shard.by_route, ROUTE_MASK, keys)
-        # Fields are read from the raw values: a slot's held bit survives an AND of values
-        # exactly while the slot holds every block so far, so running[i] tells who holds
-        # blocks 0..i, and the bits of other fields never mix into it.
-        running = list(accumulate(values, and_))
-        match_lengths = {
-            slot: _prefix_length(running, _HELD << (8 * slot))
-            for slot in slots
-            if (values[0] >> (8 * slot)) & _HELD
-        }
-        # One C-level pass histograms the values, cut where each pod's prefix ends.
-        histogram: Counter[int] = Counter()
-        prefix_tiers: dict[int, dict[int, int]] = {}
-        done = 0
-        for slot, length in sorted(match_lengths.items(), key=lambda item: item[1]):
-            histogram.update(values[done:length])
-            done = length
-            prefix_tiers[slot] = _tier_sets(histogram, 8 * slot)
-        histogram.update(values[done:])
-        anywhere = reduce(or_, histogram, 0)
-        matches = []
-        for slot, pod in slots.items():
-            shift = 8 * slot
-            if not (anywhere >> shift) & _HELD:
-                continue
-            block_count = sum(n for v, n in histogram.items() if (v >> shift) & _HELD)
-            matches.append(
-                PodMatch(pod, match_lengths.get(slot, 0), block_count, prefix_tiers.get(slot, {}))
+        summaries = summarize(values, list(slots))
+        return [
+            PodMatch(pod, match_length, block_count, tier_sets)
+            for pod, (match_length, block_count, tier_sets) in zip(
+                slots.values(), summaries, strict=True
             )
-        return matches
+            if block_count
+        ]
 
     async def stats(self) -> IndexStats:
         by_pod = {
@@ -418,26 +394,3 @@ class MemoryIndex:
         }
         keys = {model: sum(map(len, shard.holders)) for model, shard in self._shards.items()}
         return IndexStats(self._entries, by_pod, keys, dict(self._evictions))
-
-
-def _prefix_length(running: list[int], bit: int) -> int:
-    """Length of the run of ``running`` with ``bit`` set (it is set on a prefix only)."""
-    low, high = 0, len(running)
-    while low < high:
-        mid = (low + high) // 2
-        if running[mid] & bit:
-            low = mid + 1
-        else:
-            high = mid
-    return low
-
-
-def _tier_sets(histogram: Counter[int], shift: int) -> dict[int, int]:
-    """Blocks per set of tiers (bitmask of ``1 << Tier``) held by one slot in a histogram."""
-    tier_sets: dict[int, int] = {}
-    for value, count in histogram.items():
-        held = (value >> shift) & _FIELD
-        if held & _HELD:
-            tiers = (held & _TIERS) >> 1
-            tier_sets[tiers] = tier_sets.get(tiers, 0) + count
-    return tier_sets

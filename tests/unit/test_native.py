@@ -208,3 +208,29 @@ def test_unpack_tokens_edges() -> None:
     for bad in (msgspec.msgpack.encode([2**32]), msgspec.msgpack.encode([-1]), b"\x92\x01"):
         with pytest.raises(ValueError):
             _native.unpack_tokens(bad)
+
+
+# A value packs one 8-bit field per slot: held bit, tier bits, generation bits.
+_FIELD_VALUE = st.integers(0, 255)
+
+
+@st.composite
+def _packed_values(draw: st.DrawFn) -> list[int]:
+    slots = draw(st.integers(1, 12))
+    rows = draw(st.lists(st.lists(_FIELD_VALUE, min_size=slots, max_size=slots), max_size=30))
+    return [sum(field << (8 * slot) for slot, field in enumerate(row)) for row in rows]
+
+
+@settings(max_examples=300)
+@given(values=_packed_values(), slots=st.lists(st.integers(0, 13), max_size=6))
+def test_summarize(values: list[int], slots: list[int]) -> None:
+    assert _native.summarize(values, slots) == loops.py_summarize(values, slots)
+
+
+def test_summarize_reads_fields_past_64_bits() -> None:
+    held_gpu, held_cpu = 0x01 | 0x02, 0x01 | 0x04
+    values = [held_gpu << 80 | held_gpu, held_cpu << 80, held_gpu << 80 | held_gpu]
+    assert _native.summarize(values, [10, 0]) == [
+        (3, 3, {1: 2, 2: 1}),
+        (1, 2, {1: 1}),
+    ]
