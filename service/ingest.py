@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
 
-from service.events.model import EventBatch
+from service.events.model import Event, EventBatch
 from service.events.replay import ReplayedBatch, Replayer, ReplayError
 from service.events.subscriber import Frame
 from service.events.vllm import DecodeError, decode_batch
@@ -37,6 +37,9 @@ _SLICE_SECONDS = 0.0005
 _MAX_SLICE_SECONDS = 0.002
 _BEHIND_SECONDS = 0.005
 _MAX_PENDING = 10_000
+# Events of one batch translated and applied together; a batch yields between such steps
+# once its slice is used up, so one large batch cannot hold queries up for its whole length.
+_EVENTS_PER_STEP = 4
 
 
 def parse_topic(topic: bytes) -> tuple[str | None, str | None]:
@@ -93,6 +96,7 @@ class Ingestor:
         # pod id -> when it was forgotten: frames it sent before then are stale.
         self._forgotten: dict[str, float] = {}
         self._live_batches = metrics.batches_received.labels("live")
+        self._yield_at = 0.0  # when a batch applying now should let queries run
         self.ready = False
         self.failure: str | None = None  # set when a background part died
 
@@ -120,6 +124,9 @@ class Ingestor:
             frame = await queue.get()
             start = time.perf_counter()
             soft_end, hard_end = start + _SLICE_SECONDS, start + _MAX_SLICE_SECONDS
+            # A batch of many events may yield within itself (``_apply``), here normally,
+            # at the hard end when behind.
+            self._yield_at = soft_end
             while True:
                 await self._live_guarded(frame)
                 if queue.empty():
@@ -128,7 +135,9 @@ class Ingestor:
                 if now > hard_end:
                     break
                 frame = queue.get_nowait()
-                if now > soft_end and time.time() - frame.received < _BEHIND_SECONDS:
+                behind = time.time() - frame.received >= _BEHIND_SECONDS
+                self._yield_at = hard_end if behind else soft_end
+                if now > soft_end and not behind:
                     await self._live_guarded(frame)
                     break
             self._metrics.queue_depth.set(queue.qsize())
@@ -344,11 +353,27 @@ class Ingestor:
         stream.batches += 1
         if batch is None or not batch.events:
             return
+        events = batch.events
+        await self._apply_events(stream, events[:_EVENTS_PER_STEP])
+        for start in range(_EVENTS_PER_STEP, len(events), _EVENTS_PER_STEP):
+            if time.perf_counter() > self._yield_at:
+                # The slice is used up: queries waiting run before the rest of the batch.
+                await asyncio.sleep(0)
+                self._yield_at = time.perf_counter() + _SLICE_SECONDS
+                if self._streams.get(stream.pod) is not stream:
+                    return  # forgotten meanwhile: its entries must not come back
+            await self._apply_events(stream, events[start : start + _EVENTS_PER_STEP])
+        if live:  # a replayed batch is late by design: its lag says nothing of the stream
+            lag = max(0.0, time.time() - batch.ts)
+            self._metrics.event_lag.labels(stream.pod.pod_id).set(lag)
+            self._metrics.visible_lag.observe(lag)
+
+    async def _apply_events(self, stream: _Stream, events: Sequence[Event]) -> None:
         model = self._models.get_or_add(stream.model)
-        translation = model.translator.translate(batch.events)
+        translation = model.translator.translate(events)
         metrics = self._metrics
         by_type: dict[str, int] = {}
-        for event in batch.events:
+        for event in events:
             name = type(event).__name__
             by_type[name] = by_type.get(name, 0) + 1
         for name, count in by_type.items():
@@ -370,10 +395,6 @@ class Ingestor:
                     )
         if translation.ops:
             await self._index.apply(stream.model, stream.pod, translation.ops)
-        if live:  # a replayed batch is late by design: its lag says nothing of the stream
-            lag = max(0.0, time.time() - batch.ts)
-            metrics.event_lag.labels(stream.pod.pod_id).set(lag)
-            metrics.visible_lag.observe(lag)
 
     def _unidentified(self, frame: Frame) -> None:
         self._metrics.decode_errors.labels("unidentified").inc()

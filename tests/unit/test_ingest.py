@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
+from service import ingest
 from service.events.subscriber import Frame, Source
 from service.index.memory import MemoryIndex
 from service.index.protocol import PodRank
@@ -117,5 +120,56 @@ def test_forgetting_a_pod_drops_its_metric_series() -> None:
         await ingestor.forget_pod(POD)
         assert metrics.registry.get_sample_value(gaps, {"pod": POD}) is None
         assert metrics.registry.get_sample_value("kv_cache_event_lag_seconds", {"pod": POD}) is None
+
+    asyncio.run(main())
+
+
+def big_frame(seq: int, events: int, received: float) -> Frame:
+    """One batch of ``events`` one-block events, each starting its own prompt."""
+    payload = encode_batch([stored([b], tokens(b)) for b in range(events)], version="0.33")
+    return Frame(Source(), TOPIC, seq, payload, received)
+
+
+def test_a_large_batch_lets_other_tasks_run_once_its_slice_is_used_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ingest, "_SLICE_SECONDS", 0.0)  # every step is past the slice
+
+    async def main() -> None:
+        index = MemoryIndex()
+        ingestor = make_ingestor(index, Metrics())
+        ingestor.submit(big_frame(0, 40, time.time()))
+        seen: list[int] = []
+
+        async def watch() -> None:  # a query's view of the index while the batch applies
+            for _ in range(100):
+                seen.append((await index.stats()).entries)
+                await asyncio.sleep(0)
+
+        await asyncio.gather(ingestor.drain(seconds=1.0), watch())
+        assert (await index.stats()).entries == 40
+        assert any(0 < entries < 40 for entries in seen), seen
+
+    asyncio.run(main())
+
+
+def test_a_pod_forgotten_while_its_batch_applies_gets_no_more_of_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ingest, "_SLICE_SECONDS", 0.0)
+
+    async def main() -> None:
+        index = MemoryIndex()
+        ingestor = make_ingestor(index, Metrics())
+        ingestor.submit(big_frame(0, 40, time.time()))
+        applying = asyncio.create_task(ingestor.drain(seconds=1.0))
+        for _ in range(1000):  # until the batch is partly applied
+            if (await index.stats()).entries:
+                break
+            await asyncio.sleep(0)
+        assert 0 < (await index.stats()).entries < 40
+        await ingestor.forget_pod(POD)
+        await applying
+        assert (await index.stats()).entries == 0
 
     asyncio.run(main())
