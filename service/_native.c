@@ -26,6 +26,11 @@
  *       uint32 (empty for nil or no bytes), without a Python int per token; ValueError for
  *       anything else. What vllm.py's typed decoder accepts for BlockStored.token_ids.
  *
+ *   unpack_json_tokens(raw) -> bytes
+ *       The same for a JSON array of integers in [0, 2**32) written plainly (digits, no
+ *       sign, fraction or exponent: what strict validation accepts as ints in range);
+ *       ValueError for anything else, which the REST API then validates the slow way.
+ *
  *   set_routed(by_route, limits, mask, keys, values) -> list[int]
  *       by_route[k & mask][k] = v for each pair; returns the routing values whose dict
  *       then holds more than its limit (repeats possible), for the caller to trim.
@@ -651,6 +656,95 @@ done:
     return result;
 }
 
+static int
+json_space(unsigned char c)
+{
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
+static PyObject *
+unpack_json_tokens(PyObject *module, PyObject *args)
+{
+    Py_buffer raw;
+    if (!PyArg_ParseTuple(args, "y*:unpack_json_tokens", &raw)) {
+        return NULL;
+    }
+    const unsigned char *p = (const unsigned char *)raw.buf;
+    const unsigned char *end = p + raw.len;
+    PyObject *result = NULL;
+    /* At most one token per two bytes ("1,"): enough room without a first pass. */
+    Py_ssize_t capacity = raw.len / 2 + 1, count = 0;
+    uint32_t *out = PyMem_Malloc((size_t)capacity * sizeof(uint32_t));
+    if (out == NULL) {
+        PyBuffer_Release(&raw);
+        return PyErr_NoMemory();
+    }
+    while (p < end && json_space(*p)) {
+        p++;
+    }
+    if (p == end || *p++ != '[') {
+        goto invalid;
+    }
+    while (p < end && json_space(*p)) {
+        p++;
+    }
+    if (p < end && *p == ']') {
+        p++;
+    }
+    else {
+        for (;;) {
+            if (p == end || *p < '0' || *p > '9') {
+                goto invalid;
+            }
+            unsigned long long value = 0;
+            const unsigned char *digits = p;
+            while (p < end && *p >= '0' && *p <= '9') {
+                value = value * 10 + (unsigned)(*p - '0');
+                if (p - digits >= 10 || value > 0xffffffffULL) {
+                    goto invalid;
+                }
+                p++;
+            }
+            if (*digits == '0' && p - digits > 1) {
+                goto invalid; /* JSON has no leading zeros */
+            }
+            if (count == capacity) {
+                goto invalid;
+            }
+            out[count++] = (uint32_t)value;
+            while (p < end && json_space(*p)) {
+                p++;
+            }
+            if (p < end && *p == ',') {
+                p++;
+                while (p < end && json_space(*p)) {
+                    p++;
+                }
+                continue;
+            }
+            if (p < end && *p == ']') {
+                p++;
+                break;
+            }
+            goto invalid; /* a fraction, an exponent, another value, or the end */
+        }
+    }
+    while (p < end && json_space(*p)) {
+        p++;
+    }
+    if (p != end) {
+        goto invalid;
+    }
+    result = PyBytes_FromStringAndSize((const char *)out, count * (Py_ssize_t)sizeof(uint32_t));
+    goto done;
+invalid:
+    PyErr_SetString(PyExc_ValueError, "not a JSON array of plain integers in [0, 2**32)");
+done:
+    PyMem_Free(out);
+    PyBuffer_Release(&raw);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"chain_keys", chain_keys, METH_VARARGS,
      "chain_keys(data, step, seed) -> list[int]: chained xxh3-64 over step-byte pieces."},
@@ -662,6 +756,8 @@ static PyMethodDef methods[] = {
      "summarize(values, slots) -> list[(match_length, blocks_held, prefix_tier_sets)]."},
     {"unpack_tokens", unpack_tokens, METH_VARARGS,
      "unpack_tokens(raw) -> bytes: a msgpack array of uint32 ints, packed native-endian."},
+    {"unpack_json_tokens", unpack_json_tokens, METH_VARARGS,
+     "unpack_json_tokens(raw) -> bytes: a JSON array of uint32 ints, packed native-endian."},
     {"set_routed", set_routed, METH_VARARGS,
      "set_routed(by_route, limits, mask, keys, values) -> list[int]: routes over limit."},
     {NULL, NULL, 0, NULL},

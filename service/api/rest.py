@@ -1,20 +1,23 @@
 """The REST edge: routes of CONTRACT.md section 4 over ``QueryService``.
 
 Handlers only translate: JSON to ``LocalityQuery``, answers to JSON, and the service's
-exception tree (``service/errors.py``) to status codes. This is a hot path: query bodies
-are validated straight from the bytes (``model_validate_json``: ~0.2 ms for 8192 token ids,
-against ~0.7 ms for FastAPI's ``json.loads`` then validate) and answers are built as dicts,
-not through ``response_model``. Measured end to end through the ASGI app, 8192 tokens and 8
-pods: p50 0.58 ms here against 0.85 ms with FastAPI's own body handling.
+exception tree (``service/errors.py``) to status codes. This is a hot path: a body of token
+ids (and options) is read by msgspec and the C token reader, with no Python int per token
+(``_plain_query``); any other body is validated straight from the bytes
+(``model_validate_json``: ~0.2 ms for 8192 token ids, against ~0.7 ms for FastAPI's
+``json.loads`` then validate). Answers are built as dicts, not through ``response_model``,
+and written by msgspec.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from array import array
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Any
 
+import msgspec
 import structlog
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,6 +39,8 @@ from service.api.rest_models import (
     ScoreResponse,
 )
 from service.errors import InvalidQuery, NotSupported, QueryError, QueryTooLarge, Unavailable
+from service.index.keys import TOKEN_TYPECODE
+from service.native import unpack_json_tokens
 from service.status import Readiness
 
 __all__ = ["create_rest_app"]
@@ -88,7 +93,7 @@ def create_rest_app(
     )
     async def post_locality(request: Request) -> Response:
         answer = await queries.locality(await _read_query(request), api="rest")
-        return JSONResponse(_locality_json(answer))
+        return _Json(_locality_json(answer))
 
     @app.get(
         "/v1/locality",
@@ -115,7 +120,7 @@ def create_rest_app(
             block_hashes=_parse_prefix(prefix),
             pods=None if pods is None else pods.split(","),
         )
-        return JSONResponse(_locality_json(await queries.locality(query, api="rest")))
+        return _Json(_locality_json(await queries.locality(query, api="rest")))
 
     @app.post(
         "/v1/score",
@@ -126,21 +131,21 @@ def create_rest_app(
     )
     async def post_score(request: Request) -> Response:
         answer = await queries.locality(await _read_query(request), api="rest")
-        return JSONResponse({"model": answer.model, "scores": answer.scores()})
+        return _Json({"model": answer.model, "scores": answer.scores()})
 
     @app.get("/v1/pods", response_model=PodsResponse, summary="Tracked engine streams")
     async def get_pods() -> Response:
         pods = await queries.pods()
-        return JSONResponse({"pods": [dataclasses.asdict(p) for p in pods]})
+        return _Json({"pods": [dataclasses.asdict(p) for p in pods]})
 
     @app.get("/v1/models", response_model=ModelsResponse, summary="Tracked models")
     async def get_models() -> Response:
         models = await queries.models()
-        return JSONResponse({"models": [dataclasses.asdict(m) for m in models]})
+        return _Json({"models": [dataclasses.asdict(m) for m in models]})
 
     @app.get("/healthz", response_model=HealthResponse, summary="Liveness")
     async def healthz() -> Response:
-        return JSONResponse({"status": "ok"})
+        return _Json({"status": "ok"})
 
     @app.get(
         "/readyz",
@@ -155,13 +160,13 @@ def create_rest_app(
             log.exception("readiness check failed")
             readiness = Readiness(False, ("readiness check failed; see the service log",))
         if readiness.ready:
-            return JSONResponse({"status": "ready", "warnings": list(readiness.warnings)})
+            return _Json({"status": "ready", "warnings": list(readiness.warnings)})
         body = {
             "status": "not ready",
             "reasons": list(readiness.reasons),
             "warnings": list(readiness.warnings),
         }
-        return JSONResponse(body, status_code=503)
+        return _Json(body, status_code=503)
 
     @app.get(
         "/metrics",
@@ -180,8 +185,57 @@ def create_rest_app(
     return app
 
 
+class _Json(JSONResponse):
+    """JSON written by msgspec: the same compact UTF-8 text as Starlette's ``json.dumps``,
+    ~10x faster for a query's answer."""
+
+    def render(self, content: Any) -> bytes:
+        return msgspec.json.encode(content)
+
+
+class _PlainLocality(msgspec.Struct, forbid_unknown_fields=True):
+    """The common body: token ids and the options that go with them."""
+
+    model: str
+    token_ids: msgspec.Raw
+    lora_name: str | None = None
+    cache_salt: str | None = None
+    pods: list[str] | None = None
+
+
+_PLAIN_LOCALITY = msgspec.json.Decoder(_PlainLocality)
+
+
+def _plain_query(raw: bytes) -> LocalityQuery | None:
+    """The query of a body with token ids, read without a Python int per token (~25 us
+    against ~250 us for 8192 ids); None for any other body, which the validated path then
+    reads and, if need be, names the problem of. What this accepts, that path accepts alike.
+    """
+    if unpack_json_tokens is None:
+        return None
+    try:
+        body = _PLAIN_LOCALITY.decode(raw)
+        packed = unpack_json_tokens(body.token_ids)
+    except (msgspec.DecodeError, ValueError):
+        return None
+    if not body.model:
+        return None
+    token_ids = array(TOKEN_TYPECODE)
+    token_ids.frombytes(packed)
+    return LocalityQuery(
+        model=body.model,
+        token_ids=token_ids,
+        lora_name=body.lora_name,
+        cache_salt=body.cache_salt,
+        pods=body.pods,
+    )
+
+
 async def _read_query(request: Request) -> LocalityQuery:
     raw = await request.body()
+    query = _plain_query(raw)
+    if query is not None:
+        return query
     if not raw.strip():
         raise InvalidQuery('request body is empty: send a JSON object such as {"model": ...}')
     try:
@@ -254,7 +308,7 @@ def _version() -> str:
 
 
 def _error(status: int, detail: str, **extra: object) -> JSONResponse:
-    return JSONResponse({"detail": detail, **extra}, status_code=status)
+    return _Json({"detail": detail, **extra}, status_code=status)
 
 
 async def _on_query_error(request: Request, error: Exception) -> Response:

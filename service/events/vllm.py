@@ -64,11 +64,7 @@ from service.events.model import (
     Tier,
 )
 from service.index.keys import TOKEN_TYPECODE
-
-try:
-    from service._native import unpack_tokens
-except ImportError:  # not built: msgspec decodes token ids into Python ints
-    unpack_tokens = None  # type: ignore[assignment]
+from service.native import unpack_tokens
 
 __all__ = [
     "BATCH_ERROR_REASONS",
@@ -261,6 +257,7 @@ def _typed_stored(event: _ArrayStored | _MapStored) -> BlockStored:
 
 def _native_tokens(raw: msgspec.Raw) -> Sequence[int]:
     """Token ids as a uint32 array (no Python int per token); the keys take it as is."""
+    assert unpack_tokens is not None
     try:
         packed = unpack_tokens(raw)
     except ValueError:
