@@ -1,9 +1,11 @@
 /*
- * Native loops for the two per-block hot paths (docs/performance.md, "Native loops").
+ * Native loops for the per-block and per-token hot paths (docs/performance.md, "Native
+ * loops"): query and event keys, index reads and writes, token ids in events and bodies.
  *
- * Each function does exactly what the pure-Python code next to its caller does, and the
- * tests compare the two (tests/unit/test_native.py). The service runs without this module (the
- * build is optional: it needs a C compiler and xxhash.h, Debian's libxxhash-dev).
+ * Each function does exactly what its Python twin does (service/index/loops.py, msgspec or
+ * pydantic for the token readers), and the tests compare the two (tests/unit/test_native.py,
+ * tests/unit/api/test_plain_query.py). The service runs without this module (the build is
+ * optional: it needs a C compiler and xxhash.h, Debian's libxxhash-dev).
  *
  *   chain_keys(data, step, seed) -> list[int]
  *       Chained xxh3-64 over consecutive `step`-byte pieces of `data`, each seeded with
