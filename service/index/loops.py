@@ -17,7 +17,11 @@ from typing import Final, TypeAlias
 import xxhash
 
 __all__ = [
+    "FIELD",
+    "GEN_SHIFT",
+    "HELD",
     "NATIVE",
+    "TIERS",
     "chain_keys",
     "lookup_values",
     "py_chain_keys",
@@ -30,7 +34,7 @@ __all__ = [
     "summarize",
 ]
 
-# One slot's 8-bit field in a packed holder value (service/index/memory.py).
+# One slot's 8-bit field in a packed holder value (the layout: service/index/memory.py).
 FIELD: Final = 0xFF
 HELD: Final = 0x01
 TIERS: Final = 0x0E

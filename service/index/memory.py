@@ -27,7 +27,15 @@ from time import monotonic
 
 from service.events.model import Tier
 from service.index.buckets import ROUTE, ROUTE_MASK, new_buckets
-from service.index.loops import lookup_values, store_fields, summarize
+from service.index.loops import (
+    FIELD,
+    GEN_SHIFT,
+    HELD,
+    TIERS,
+    lookup_values,
+    store_fields,
+    summarize,
+)
 from service.index.protocol import (
     EVICTION_REASONS,
     ClearPod,
@@ -44,10 +52,6 @@ __all__ = ["TTL_GENERATIONS", "MemoryIndex"]
 TTL_GENERATIONS = 8
 """Generations per TTL: the TTL's resolution is ``ttl / TTL_GENERATIONS``."""
 
-_FIELD = 0xFF
-_HELD = 0x01
-_TIERS = 0x0E
-_GEN_SHIFT = 4
 _GEN = 0xF0
 _GEN_MOD = 16
 # Pieces a retired slot's keys are cut into, so one sweep step stays short.
@@ -111,7 +115,7 @@ class _Shard:
             self.slot_of[pod] = slot
             self.pod_of[slot] = pod
             self.count[slot] = 0
-            self.live_mask |= _HELD << (8 * slot)
+            self.live_mask |= HELD << (8 * slot)
         return slot
 
     def retire(self, pod: PodRank) -> int:
@@ -121,7 +125,7 @@ class _Shard:
             return 0
         del self.pod_of[slot]
         entries = self.count.pop(slot)
-        self.live_mask &= ~(_HELD << (8 * slot))
+        self.live_mask &= ~(HELD << (8 * slot))
         pieces = 0
         for gen_log in self.log:
             keys = gen_log.keys_by_slot.pop(slot, None)
@@ -185,7 +189,7 @@ class MemoryIndex:
     def _store(
         self, shard: _Shard, slot: int, keys: Sequence[int], tier: Tier, now_gen: int
     ) -> None:
-        gen_bits = (now_gen % _GEN_MOD) << _GEN_SHIFT
+        gen_bits = (now_gen % _GEN_MOD) << GEN_SHIFT
         added, to_log = store_fields(
             shard.by_route, ROUTE_MASK, keys, 8 * slot, _tier_bit(tier), gen_bits
         )
@@ -203,11 +207,11 @@ class MemoryIndex:
             value = bucket.get(key)
             if value is None:
                 continue
-            old = (value >> shift) & _FIELD
+            old = (value >> shift) & FIELD
             if not old & tier_bit:
                 continue
             new = old & ~tier_bit
-            if not new & _TIERS:
+            if not new & TIERS:
                 new = 0
                 removed += 1
             value ^= (old ^ new) << shift
@@ -291,7 +295,7 @@ class MemoryIndex:
         unvisited rest of the log for later. Returns (keys visited, entries evicted).
         """
         gen_log = shard.log[0]
-        gen_bits = (gen_log.gen % _GEN_MOD) << _GEN_SHIFT
+        gen_bits = (gen_log.gen % _GEN_MOD) << GEN_SHIFT
         by_route = shard.by_route
         visited = evicted = 0
         by_slot = gen_log.keys_by_slot
@@ -302,7 +306,7 @@ class MemoryIndex:
                 break
             slot, keys = next(iter(by_slot.items()))
             shift = 8 * slot
-            keep = ~(_FIELD << shift)
+            keep = ~(FIELD << shift)
             stop = len(keys) if max_keys is None else min(len(keys), max_keys - visited)
             wanted = None if max_evictions is None else max_evictions - evicted
             slot_evicted = index = 0
@@ -313,8 +317,8 @@ class MemoryIndex:
                 value = bucket.get(key)
                 if value is None:
                     continue
-                old = (value >> shift) & _FIELD
-                if old & _HELD and old & _GEN == gen_bits:
+                old = (value >> shift) & FIELD
+                if old & HELD and old & _GEN == gen_bits:
                     value &= keep
                     if value:
                         bucket[key] = value
@@ -341,7 +345,7 @@ class MemoryIndex:
         visited = 0
         while shard.wipe and (budget is None or visited < budget):
             slot, keys = shard.wipe.popleft()
-            mask = ~(_FIELD << (8 * slot))
+            mask = ~(FIELD << (8 * slot))
             for key in keys:
                 bucket = by_route[key & ROUTE_MASK]
                 value = bucket.get(key)
