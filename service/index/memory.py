@@ -8,7 +8,8 @@ Layout, chosen for lookup speed and memory (see docs/performance.md):
   A lookup is then one dict probe per key for all pods, and the per-pod answers come from
   C-level passes (map/accumulate/sum) over those ints.
 - Time is cut into generations of ``ttl / TTL_GENERATIONS``. Every store appends the key to
-  the log of the current generation for its slot. When a generation is older than the TTL,
+  the log of the current generation for its slot (a generation may have several logs, each
+  slot's part of one at most ``_LOG_CHUNK`` keys). When a generation is older than the TTL,
   its log is replayed: an entry whose field still carries that generation was not re-stored
   since and expires. Capacity eviction replays the oldest logs early. So neither needs a
   scan of the index, and an entry lives at least ``ttl`` and at most ``ttl * 9 / 8``.
@@ -56,6 +57,10 @@ _GEN = 0xF0
 _GEN_MOD = 16
 # Pieces a retired slot's keys are cut into, so one sweep step stays short.
 _WIPE_PIECE = 4096
+# Most keys one slot's log of a generation holds before the generation gets another log:
+# an array grows by ~6% at a time, and copying a multi-megabyte log on such a growth
+# stalled ingest for milliseconds.
+_LOG_CHUNK = 1 << 16
 # If the sweeper fell this many generations behind, ``apply`` expires synchronously first,
 # so generation numbers (kept modulo 16) can never alias.
 _LAG_LIMIT = TTL_GENERATIONS + 4
@@ -233,6 +238,9 @@ class MemoryIndex:
             shard.log.append(_GenLog(now_gen))
         by_slot = shard.log[-1].keys_by_slot
         keys = by_slot.get(slot)
+        if keys is not None and len(keys) >= _LOG_CHUNK:
+            shard.log.append(_GenLog(now_gen))  # same generation, another log
+            by_slot, keys = shard.log[-1].keys_by_slot, None
         if keys is None:
             keys = by_slot[slot] = array("Q")
         return keys

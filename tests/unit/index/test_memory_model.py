@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from service.events.model import Tier
+from service.index import memory
 from service.index.memory import TTL_GENERATIONS, MemoryIndex
 from service.index.protocol import ClearPod, PodMatch, PodRank, RemoveBlocks, StoreBlocks
 
@@ -180,3 +181,34 @@ CapacityEvictsColdest.TestCase.settings = settings(
     max_examples=100, stateful_step_count=30, deadline=None
 )
 test_capacity_evicts_coldest = CapacityEvictsColdest.TestCase
+
+
+class _SmallLogs:
+    """Mixin: a generation's log holds at most 3 keys per slot (it is 65,536 in service),
+    so the streams above also cover generations cut into several logs."""
+
+    def __init__(self) -> None:
+        self._chunk = memory._LOG_CHUNK
+        memory._LOG_CHUNK = 3
+        super().__init__()
+
+    def teardown(self) -> None:
+        memory._LOG_CHUNK = self._chunk
+
+
+class IndexMatchesReferenceSmallLogs(_SmallLogs, IndexMatchesReference):
+    pass
+
+
+class CapacityEvictsColdestSmallLogs(_SmallLogs, CapacityEvictsColdest):
+    pass
+
+
+IndexMatchesReferenceSmallLogs.TestCase.settings = settings(
+    max_examples=100, stateful_step_count=40, deadline=None
+)
+CapacityEvictsColdestSmallLogs.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=30, deadline=None
+)
+test_index_matches_reference_small_logs = IndexMatchesReferenceSmallLogs.TestCase
+test_capacity_evicts_coldest_small_logs = CapacityEvictsColdestSmallLogs.TestCase
