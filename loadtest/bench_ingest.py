@@ -2,6 +2,9 @@
 
 Run: ``.venv/bin/python -m loadtest.bench_ingest [--blocks 1000000] [--key-mode tokens]``
 
+Besides the rates it reports the slowest batches (p99.9, max, how many took over 2 ms):
+the event loop runs nothing else meanwhile, so they are the stalls queries could meet.
+
 Two shapes: events of 32 blocks (prefill of long prompts) and of 1 block (decode steps),
 each event continuing its prompt's chain through ``parent_block_hash``, as vLLM sends them.
 """
@@ -14,6 +17,7 @@ import gc
 import random
 import time
 import tracemalloc
+from dataclasses import dataclass
 
 from service.events.vllm import decode_batch
 from service.index.keys import make_keyer
@@ -50,19 +54,44 @@ def make_batches(
     return batches
 
 
-async def ingest(batches: list[bytes], key_mode: str, capacity: int) -> tuple[float, int, int]:
+STALL = 0.002  # a batch slower than this holds every query up noticeably
+
+
+@dataclass
+class Run:
+    seconds: float
+    events: int
+    blocks: int
+    batch_seconds: list[float]  # each batch's decode + translate + apply, in order
+
+    def tail(self) -> str:
+        """The slowest batches: where ingest would hold the event loop up."""
+        ordered = sorted(self.batch_seconds)
+        over = sum(s > STALL for s in ordered)
+        return (
+            f"per batch p50 {ordered[len(ordered) // 2] * 1e6:,.0f} us,"
+            f" p99.9 {ordered[int(len(ordered) * 0.999)] * 1e6:,.0f} us,"
+            f" max {ordered[-1] * 1e3:.1f} ms, {over} over {STALL * 1e3:g} ms"
+        )
+
+
+async def ingest(batches: list[bytes], key_mode: str, capacity: int) -> Run:
     index = MemoryIndex(max_entries=capacity)
     translator = EventTranslator(make_keyer(key_mode, "sha256", "0"), max_engine_hashes=capacity)
-    events = blocks = 0
-    start = time.perf_counter()
+    events = 0
+    clock = time.perf_counter
+    batch_seconds = []
+    start = clock()
     for payload in batches:
+        began = clock()
         batch = decode_batch(payload)
         translation = translator.translate(batch.events)
         await index.apply("model", POD, translation.ops)
+        batch_seconds.append(clock() - began)
         events += len(batch.events)
-    elapsed = time.perf_counter() - start
+    elapsed = clock() - start
     blocks = (await index.stats()).entries
-    return elapsed, events, blocks
+    return Run(elapsed, events, blocks, batch_seconds)
 
 
 async def memory_per_entry(batches: list[bytes], capacity: int) -> tuple[int, float]:
@@ -92,11 +121,12 @@ async def main() -> None:
     for blocks_per_event, events_per_batch in ((32, 4), (1, 32)):
         total = args.blocks if blocks_per_event > 1 else args.blocks // 4
         batches = make_batches(total, blocks_per_event, events_per_batch, args.version, seed=1)
-        elapsed, events, blocks = await ingest(batches, args.key_mode, capacity=total * 2)
+        run = await ingest(batches, args.key_mode, capacity=total * 2)
         print(
             f"{args.key_mode} mode, vLLM {args.version} wire, {blocks_per_event} block(s)/event,"
-            f" {events_per_batch} events/batch: {events / elapsed:,.0f} events/s,"
-            f" {blocks / elapsed:,.0f} blocks/s ({blocks:,} blocks in {elapsed:.2f} s)"
+            f" {events_per_batch} events/batch: {run.events / run.seconds:,.0f} events/s,"
+            f" {run.blocks / run.seconds:,.0f} blocks/s ({run.blocks:,} blocks in"
+            f" {run.seconds:.2f} s); {run.tail()}"
         )
     if args.memory:
         batches = make_batches(args.blocks, 32, 4, args.version, seed=2)
