@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python -m loadtest.bench_index
 	$(BIN)/python -m loadtest.bench_ingest --memory
 	$(BIN)/python -m loadtest.bench_service
+	$(BIN)/python -m loadtest.bench_grpc_floor
 	$(BIN)/python -m loadtest.sim --quick
 	$(BIN)/python -m loadtest.bench_prompts
 
