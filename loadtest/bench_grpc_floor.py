@@ -123,15 +123,19 @@ async def _in_loop(debt: _Debt, budget: float) -> None:
         await asyncio.sleep(0)
 
 
-def _in_thread(debt: _Debt) -> None:
-    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+def _pay_forever(debt: _Debt, *, in_server: bool) -> None:
+    """The background work outside the loop: in a nice-19 thread of the server, which lets
+    go of the GIL after each step, or in a process of its own (nice 0)."""
+    if in_server:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     while True:
         if debt.accrue() < STEP:
             time.sleep(0.001)
             continue
         while debt.owed >= STEP:
             debt.pay(STEP)
-            time.sleep(0)  # lets a waiting event loop thread take the GIL
+            if in_server:
+                time.sleep(0)  # lets a waiting event loop thread take the GIL
 
 
 async def _serve(
@@ -143,27 +147,21 @@ async def _serve(
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     debt = _Debt(share)
-    tasks: list[asyncio.Task[None]] = []
+    background = None  # a reference keeps the task alive
     if mode in ("loop", "loop-steps"):
-        tasks.append(asyncio.create_task(_in_loop(debt, SLICE if mode == "loop" else STEP)))
+        background = asyncio.create_task(_in_loop(debt, SLICE if mode == "loop" else STEP))
     elif mode == "thread":
-        threading.Thread(target=_in_thread, args=(debt,), daemon=True).start()
+        thread = threading.Thread(target=_pay_forever, args=(debt,), kwargs={"in_server": True})
+        thread.daemon = True
+        thread.start()
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
     await server.stop(grace=None)
+    if background is not None:
+        background.cancel()
     if mode in ("loop", "loop-steps", "thread"):
         print(f"{debt.achieved():.4f}", flush=True)  # the share achieved, for the client
-
-
-def _burner(share: float) -> None:
-    """``process`` mode: the background work in a process of its own."""
-    debt = _Debt(share)
-    while True:
-        if debt.accrue() < STEP:
-            time.sleep(0.001)
-        else:
-            debt.pay(STEP)
 
 
 def _spawn(args: list[str], cpus: set[int]) -> subprocess.Popen[bytes]:
@@ -233,7 +231,7 @@ def main() -> None:
         uvloop.run(_serve(int(port), mode, float(share), float(handler_us) / 1e6, float(switch)))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "--burn":
-        _burner(float(sys.argv[2]))
+        _pay_forever(_Debt(float(sys.argv[2])), in_server=False)
         return
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--share", type=float, default=0.25, help="background share of a core")
@@ -248,9 +246,11 @@ def main() -> None:
         " before it asks the holder to let go",
     )
     args = parser.parse_args()
-    for mode in args.modes.split(","):
-        if mode not in MODES:
-            raise SystemExit(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    modes = args.modes.split(",")
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown:
+        raise SystemExit(f"unknown mode {unknown[0]!r}; choose from {', '.join(MODES)}")
+    for mode in modes:
         line = run_mode(mode, args.share, args.requests, args.handler_us, args.switch_interval)
         print(line, flush=True)
 
