@@ -4,15 +4,26 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint typecheck unit bench proto proto-check manifests manifests-check image clean
+.PHONY: native serve test lint typecheck unit bench proto proto-check manifests manifests-check image clean
 
-$(STAMP): pyproject.toml setup.py service/_native.c
+NATIVE_SOURCES := $(wildcard native/*.cpp native/*.hpp) service/_native.c
+NATIVE := $(VENV)/.native
+
+$(STAMP): pyproject.toml setup.py
+	scripts/native_deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-serve: $(STAMP)
+# The native data plane, rebuilt in place whenever native/ changes (the install builds it too).
+$(NATIVE): $(STAMP) $(NATIVE_SOURCES)
+	$(BIN)/python setup.py -q build_ext --inplace
+	touch $(NATIVE)
+
+native: $(NATIVE)
+
+serve: $(NATIVE)
 	$(BIN)/kv-cache serve
 
 test: lint typecheck unit
@@ -21,10 +32,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-typecheck: $(STAMP)
+typecheck: $(NATIVE)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+unit: $(NATIVE)
 	$(BIN)/pytest
 
 bench: $(STAMP)

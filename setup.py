@@ -1,19 +1,65 @@
-"""Only the optional C extension; everything else is in pyproject.toml.
+"""Only the native data plane; everything else is in pyproject.toml.
 
-``service._native`` (service/_native.c) needs a C compiler and xxhash.h
-(Debian: ``apt-get install gcc libxxhash-dev``). Without them the build skips it and the
-service runs the same loops in Python (service/index/loops.py), slower.
+``service._dataplane`` (native/*.cpp, C++17) needs a C++ compiler and three Debian packages:
+``libxxhash-dev`` (block keys), ``libzmq3-dev`` (the event sockets) and ``libssl-dev``
+(sha256 for vLLM's own block hashes). ``make`` installs them when it can
+(scripts/native_deps.sh). The build is not optional: without them it stops and says what to
+install, rather than leave a service that silently runs the slow path.
+
+``KV_CACHE_SANITIZE=1`` builds with AddressSanitizer and UBSan (``make sanitize``).
 """
 
+import os
+from glob import glob
+
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension
 from setuptools import Extension, setup
+
+ParallelCompile("KV_CACHE_BUILD_JOBS", default=0).install()
+
+_NEEDED = {
+    "xxhash.h": "libxxhash-dev",
+    "zmq.h": "libzmq3-dev",
+    "openssl/evp.h": "libssl-dev",
+}
+
+
+def _check_headers() -> None:
+    roots = ["/usr/include", "/usr/local/include", *os.environ.get("CPATH", "").split(":")]
+    missing = [
+        package
+        for header, package in _NEEDED.items()
+        if not any(root and os.path.exists(os.path.join(root, header)) for root in roots)
+    ]
+    if missing:
+        raise SystemExit(
+            "kv-cache's native data plane needs "
+            + ", ".join(missing)
+            + f": install them (Debian/Ubuntu: apt-get install {' '.join(missing)}),"
+            " or run `make`, which does so when it can."
+        )
+
+
+_check_headers()
+_sanitize = os.environ.get("KV_CACHE_SANITIZE") == "1"
+_flags = (
+    ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined"]
+    if _sanitize
+    else ["-O2"]
+)
 
 setup(
     ext_modules=[
-        Extension(
-            "service._native",
-            ["service/_native.c"],
-            extra_compile_args=["-O2"],
-            optional=True,
-        )
+        Pybind11Extension(
+            "service._dataplane",
+            sorted(glob("native/*.cpp")),
+            include_dirs=["native"],
+            libraries=["zmq", "crypto"],
+            cxx_std=17,
+            extra_compile_args=["-Wall", "-Wextra", *_flags],
+            extra_link_args=["-fsanitize=address,undefined"] if _sanitize else [],
+        ),
+        # The C loops of the previous data plane, until everything has moved over.
+        Extension("service._native", ["service/_native.c"], extra_compile_args=["-O2"]),
     ]
 )
