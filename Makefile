@@ -4,9 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: native serve test lint typecheck unit bench proto proto-check manifests manifests-check image clean
+.PHONY: native sanitize serve test lint typecheck unit bench proto proto-check manifests manifests-check image clean
 
-NATIVE_SOURCES := $(wildcard native/*.cpp native/*.hpp) service/_native.c
+NATIVE_SOURCES := $(wildcard native/*.cpp native/*.hpp)
 NATIVE := $(VENV)/.native
 
 $(STAMP): pyproject.toml setup.py
@@ -22,6 +22,18 @@ $(NATIVE): $(STAMP) $(NATIVE_SOURCES)
 	touch $(NATIVE)
 
 native: $(NATIVE)
+
+# The native tests again, against a build with AddressSanitizer and UBSan.
+SANITIZE_DIR := build/sanitize
+sanitize: $(STAMP)
+	KV_CACHE_SANITIZE=1 $(BIN)/python setup.py -q build_ext --build-lib $(SANITIZE_DIR) \
+		--build-temp $(SANITIZE_DIR)/objects
+	KV_CACHE_NATIVE=$$(ls $(SANITIZE_DIR)/service/_dataplane*.so) \
+	LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	$(BIN)/python -m pytest -p tests.support.sanitized_native tests/unit/native \
+		tests/conformance/test_native.py tests/unit/dataplane/test_planes_agree.py
 
 serve: $(NATIVE)
 	$(BIN)/kv-cache serve

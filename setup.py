@@ -13,7 +13,7 @@ import os
 from glob import glob
 
 from pybind11.setup_helpers import ParallelCompile, Pybind11Extension
-from setuptools import Extension, setup
+from setuptools import setup
 
 ParallelCompile("KV_CACHE_BUILD_JOBS", default=0).install()
 
@@ -56,10 +56,8 @@ setup(
             include_dirs=["native"],
             libraries=["zmq", "crypto"],
             cxx_std=17,
-            extra_compile_args=["-Wall", "-Wextra", *_flags],
+            extra_compile_args=["-Wall", "-Wextra", "-Wno-missing-field-initializers", *_flags],
             extra_link_args=["-fsanitize=address,undefined"] if _sanitize else [],
         ),
-        # The C loops of the previous data plane, until everything has moved over.
-        Extension("service._native", ["service/_native.c"], extra_compile_args=["-O2"]),
     ]
 )

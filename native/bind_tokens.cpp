@@ -27,7 +27,7 @@ struct TokenView {
 TokenView token_view(const py::buffer& buffer) {
     py::buffer_info info = buffer.request();
     if (info.ndim != 1 || (info.itemsize != 4 && info.itemsize != 1) ||
-        (info.itemsize * info.size) % 4 != 0) {
+        (info.itemsize * info.size) % 4 != 0 || info.strides[0] != info.itemsize) {
         throw py::value_error("token ids must be a flat buffer of uint32");
     }
     return TokenView{std::move(info)};
@@ -74,10 +74,14 @@ void bind_tokens(py::module_& m) {
 
     m.def(
         "unpack_json_tokens",
-        [](const py::bytes& raw) {
-            std::string_view text = raw;
+        [](const py::buffer& raw) {
+            py::buffer_info info = raw.request();
+            if (info.ndim != 1 || info.itemsize != 1) {
+                throw py::value_error("JSON text must be a flat buffer of bytes");
+            }
             std::vector<uint32_t> tokens;
-            if (!parse_json_tokens(text.data(), text.size(), tokens)) {
+            if (!parse_json_tokens(static_cast<const char*>(info.ptr),
+                                   static_cast<size_t>(info.size), tokens)) {
                 throw py::value_error("not a JSON array of plain integers in [0, 2**32)");
             }
             return py::bytes(reinterpret_cast<const char*>(tokens.data()), tokens.size() * 4);

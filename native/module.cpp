@@ -5,4 +5,7 @@
 PYBIND11_MODULE(_dataplane, m) {
     m.doc() = "kv-cache's native data plane: ingest, index and lookups with the GIL released.";
     kvc::bind_tokens(m);
+    kvc::bind_index(m);
+    kvc::bind_plane(m);
+    kvc::bind_vllm_hash(m);
 }

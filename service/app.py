@@ -1,6 +1,7 @@
 """Composition root: builds every part from the settings, runs them, owns shutdown.
 
-One asyncio loop runs ZeroMQ ingestion, the REST server (uvicorn) and the gRPC server.
+One asyncio loop runs the REST server (uvicorn), the gRPC server and the data plane's
+control side; the native data plane ingests on threads of its own (service/dataplane/).
 Shutdown on SIGTERM/SIGINT, in order: stop pod discovery, stop taking queries (in-flight
 ones finish), stop receiving events, apply what is queued, stop background tasks; all within
 ``_STOP_SECONDS``.
@@ -13,7 +14,7 @@ import contextlib
 import gc
 import signal
 from collections.abc import Callable, Coroutine, Generator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import uvicorn
@@ -24,25 +25,21 @@ from service.api.grpc_server import GrpcApi
 from service.api.query import LocalityAnswer, QueryService
 from service.api.rest import create_rest_app
 from service.config import Settings
-from service.discovery import PodWatcher
-from service.events.replay import Replayer
-from service.events.subscriber import PodEndpoint, Subscriber, offset_port
-from service.index import loops
-from service.index.memory import MemoryIndex
-from service.ingest import Ingestor
+from service.dataplane import create_data_plane
+from service.events.subscriber import PodEndpoint
 from service.logging import configure_logging
-from service.models import ModelRegistry
 from service.prompts import PromptEncoders
-from service.scoring import TierWeights
+from service.readiness import PYTHON_PLANE_WARNING, ServiceStatus
 from service.telemetry import Metrics
+
+if TYPE_CHECKING:
+    from service.discovery import PodWatcher
 
 __all__ = ["Service", "StartupError", "run"]
 
 log = structlog.get_logger("kv_cache.app")
 
 _STOP_SECONDS = 5.0
-_SWEEP_BUDGET = 20_000
-_SWEEP_STEPS = 100
 
 
 def run(settings: Settings) -> int:
@@ -96,53 +93,26 @@ class Service:
             raise StartupError(
                 f"index.backend {settings.index.backend!r} is not built yet; use 'memory'"
             )
-        self.index = MemoryIndex(ttl=settings.index.ttl, max_entries=settings.index.max_size)
-        self.models = ModelRegistry(settings.models, max_engine_hashes=settings.index.max_size)
         self._zmq = zmq.asyncio.Context()
-        replay_endpoints = {
-            pod.pod_id: pod for pod in settings.zmq.pods if pod.replay_endpoint is not None
-        }
+        self.plane = create_data_plane(settings, self.metrics, self._zmq)
+        self.metrics.watch(self.plane)
+        self.status = ServiceStatus(self.plane)
+        self.discovery: PodWatcher | None = None
+        if settings.discovery.enabled:
+            # Imported only when used: the Kubernetes client alone is ~45 MiB of RSS.
+            from service.discovery import PodWatcher
 
-        def replay_endpoint_for(pod_id: str, rank: int) -> str | None:
-            pod = replay_endpoints.get(pod_id)
-            if pod is None or pod.replay_endpoint is None:
-                return None
-            return offset_port(pod.replay_endpoint, rank)
-
-        self.ingestor = Ingestor(
-            self.index,
-            self.models,
-            self.metrics,
-            queue_size=settings.zmq.queue_size,
-            replayer=Replayer(self._zmq, timeout=settings.zmq.replay_timeout),
-            replay_concurrency=settings.zmq.replay_concurrency,
-            replay_endpoint_for=replay_endpoint_for,
-            stale_after=settings.zmq.stale_after,
-        )
-        self.subscriber = Subscriber(
-            self._zmq,
-            topic_filter=settings.zmq.topic_filter,
-            sink=self.ingestor.submit,
-            on_bad_frame=self.ingestor.bad_frame,
-        )
-        self.discovery = (
-            PodWatcher(
+            self.discovery = PodWatcher(
                 settings.discovery,
-                self.subscriber,
-                self.ingestor,
+                self.plane,
+                self.plane,
                 reserved=[pod.pod_id for pod in settings.zmq.pods],
             )
-            if settings.discovery.enabled
-            else None
-        )
-        weights = settings.scoring.tier_weights
         self.queries = QueryService(
-            self.index,
-            self.models,
-            weights=TierWeights(weights.gpu, weights.cpu, weights.disk),
+            self.plane,
             max_tokens=settings.api.max_tokens,
             observe=self._observe_query,
-            status=self.ingestor,
+            status=self.status,
             prompts=PromptEncoders(settings.models),
         )
         self.grpc = GrpcApi(self.queries, max_message_bytes=settings.api.max_body_bytes)
@@ -160,7 +130,6 @@ class Service:
                 timeout_graceful_shutdown=int(_STOP_SECONDS) - 1,
             )
         )
-        self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
 
     def _observe_query(self, api: str, seconds: float, answer: LocalityAnswer | None) -> None:
@@ -172,12 +141,11 @@ class Service:
 
     async def start(self) -> None:
         settings = self.settings
-        await self.index.sweep()
-        self.metrics.index.stats = await self.index.stats()
+        bound: list[str] = []
         if settings.zmq.endpoint:
-            self.subscriber.bind(settings.zmq.endpoint, settings.zmq.data_parallel_size)
+            bound = self.plane.bind(settings.zmq.endpoint, settings.zmq.data_parallel_size)
         for pod in settings.zmq.pods:
-            self.subscriber.connect(
+            self.plane.connect(
                 PodEndpoint(
                     pod.pod_id,
                     pod.endpoint,
@@ -186,12 +154,7 @@ class Service:
                     pod.data_parallel_size,
                 )
             )
-        for task in (
-            asyncio.create_task(self.ingestor.run(), name="ingest"),
-            asyncio.create_task(self._sweep_forever(), name="sweep"),
-        ):
-            task.add_done_callback(self._task_ended)
-            self._tasks.append(task)
+        await self.plane.start()
         if self.discovery is not None:
             self.discovery.start()
         grpc_port = await self.grpc.start(settings.grpc.host, settings.grpc.port)
@@ -206,19 +169,21 @@ class Service:
         # collector's sight turns 70-140 ms full collections into sub-millisecond ones.
         gc.collect()
         gc.freeze()
-        self.ingestor.ready = True
+        self.status.started = True
         await self.grpc.set_serving(True)
         log.info(
             "kv-cache started",
             http=f"{settings.api.host}:{self.http_port}",
             grpc=f"{settings.grpc.host}:{grpc_port}",
-            zmq_bound=self.subscriber.bound,
+            zmq_bound=bound,
             zmq_pods=[p.pod_id for p in settings.zmq.pods],
             discovery=settings.discovery.enabled,
             index_backend=settings.index.backend,
+            data_plane=self.plane.kind,
             event_loop=type(asyncio.get_running_loop()).__module__.partition(".")[0],
-            native_loops=loops.NATIVE,
         )
+        if self.plane.kind == "python":
+            log.warning("python data plane", detail=PYTHON_PLANE_WARNING)
 
     async def _serve_http(self) -> None:
         try:
@@ -228,14 +193,6 @@ class Service:
             # would escape the event loop past the ordered shutdown.
             api = self.settings.api
             raise StartupError(f"cannot serve HTTP on {api.host}:{api.port}") from None
-
-    def _task_ended(self, task: asyncio.Task[None]) -> None:
-        """A background task should only end at shutdown; if one dies, say so and stop
-        reporting ready, rather than serve an index that silently stopped changing."""
-        if task.cancelled() or task.exception() is None:
-            return
-        log.error("background task failed", task=task.get_name(), error=repr(task.exception()))
-        self.ingestor.failure = f"background task {task.get_name()!r} failed; see the log"
 
     @property
     def http_port(self) -> int:
@@ -259,7 +216,7 @@ class Service:
         """Ordered shutdown; safe to call after a failed start."""
         if self.discovery is not None:
             await self.discovery.stop()
-        self.ingestor.ready = False
+        self.status.stopping = True
         with contextlib.suppress(Exception):
             await self.grpc.set_serving(False)
         self.http.should_exit = True
@@ -269,32 +226,5 @@ class Service:
             *([http_task] if http_task is not None else []),
             return_exceptions=True,
         )
-        await self.subscriber.close()
-        await self.ingestor.drain(seconds=1.0)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.ingestor.close()
+        await self.plane.stop()
         self._zmq.term()
-
-    async def _sweep_forever(self) -> None:
-        interval = self.settings.index.sweep_interval
-        while True:
-            await asyncio.sleep(interval)
-            # Small steps, yielding between them, so queries never wait on a big expiry.
-            for _ in range(_SWEEP_STEPS):
-                if await self.index.sweep(_SWEEP_BUDGET) < _SWEEP_BUDGET:
-                    break
-                await asyncio.sleep(0)
-            before = self.metrics.index.stats
-            stats = self.metrics.index.stats = await self.index.stats()
-            if before is not None and stats.evictions != before.evictions:
-                log.info(
-                    "index evictions",
-                    entries=stats.entries,
-                    **{
-                        reason: count - before.evictions.get(reason, 0)
-                        for reason, count in stats.evictions.items()
-                        if count != before.evictions.get(reason, 0)
-                    },
-                )

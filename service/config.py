@@ -240,8 +240,11 @@ class ZmqSettings(_Section):
     """Replays running at once."""
     stale_after: Duration = 300.0
     """A pod silent this long is shown as stale."""
-    queue_size: Count = 10_000
-    """Bound of the ingest queue, in batches."""
+    buffer_bytes: ByteSize = 256 * 1024 * 1024
+    """Bound of the ingest buffer: frames received and not yet applied. Past it frames are
+    dropped, counted per pod, and the pod is resynced (replayed where it can be)."""
+    max_frame_bytes: ByteSize = 64 * 1024 * 1024
+    """Largest ZeroMQ frame accepted (ZMQ_MAXMSGSIZE); a sender of a larger one is cut off."""
 
     @field_validator("pods")
     @classmethod
@@ -371,6 +374,8 @@ class LoggingSettings(_Section):
 class Settings(_Section):
     """Everything the service is configured with, validated and frozen."""
 
+    data_plane: Literal["native", "python"] = "native"
+    """``native`` (the C++ data plane) or ``python`` (the reference: slow, for comparison)."""
     zmq: ZmqSettings = ZmqSettings()
     api: ApiSettings = ApiSettings()
     grpc: GrpcSettings = GrpcSettings()

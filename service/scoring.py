@@ -14,7 +14,7 @@ from typing import Final
 from service.events.model import Tier
 from service.index.protocol import PodMatch, PodRank
 
-__all__ = ["Locality", "PodScore", "TierWeights", "score_matches"]
+__all__ = ["Locality", "PodScore", "TierWeights", "locality", "score_matches", "score_pods"]
 
 _TIER_SETS: Final = range(1 << len(Tier))
 _LABELS_OF_SET: Final = tuple(
@@ -73,34 +73,55 @@ class Locality:
     pods: list[PodScore]
 
 
+def score_pods(
+    matches: Sequence[PodMatch], total_blocks: int, weights: TierWeights
+) -> list[PodScore]:
+    """Index matches as scored pods, sorted by score, then pod id, then rank."""
+    scored = [_score(m, total_blocks, weights) for m in matches if m.block_count]
+    scored.sort(key=_order)
+    return scored
+
+
+def locality(
+    pods: Sequence[PodScore], total_blocks: int, candidates: Collection[PodRank] | None = None
+) -> Locality:
+    """The answer from scored, sorted pods.
+
+    With ``candidates``, only those pods are answered, each of them even when it holds
+    nothing (score 0).
+    """
+    answered = list(pods)
+    if candidates is not None:
+        wanted = set(candidates)
+        answered = [p for p in answered if p.pod in wanted]
+        seen = {p.pod for p in answered}
+        answered += [PodScore(pod, 0, 0, {}, 0.0) for pod in wanted - seen]
+        answered.sort(key=_order)
+    cache_hits = answered[0].match_length if answered else 0
+    coverage = cache_hits / total_blocks if total_blocks else 0.0
+    return Locality(total_blocks, cache_hits, coverage, answered)
+
+
 def score_matches(
     matches: Sequence[PodMatch],
     total_blocks: int,
     weights: TierWeights,
     candidates: Collection[PodRank] | None = None,
 ) -> Locality:
-    """Turn index matches into scored, sorted pods.
+    """``locality`` of ``score_pods``: index matches to the whole answer."""
+    return locality(score_pods(matches, total_blocks, weights), total_blocks, candidates)
 
-    With ``candidates``, only those pods are answered, each of them even when it holds
-    nothing (score 0).
-    """
-    scored = [_score(m, total_blocks, weights) for m in matches]
-    if candidates is not None:
-        wanted = set(candidates)
-        scored = [s for s in scored if s.pod in wanted]
-        seen = {s.pod for s in scored}
-        scored += [PodScore(pod, 0, 0, {}, 0.0) for pod in wanted - seen]
-    scored.sort(key=lambda s: (-s.score, s.pod.pod_id, s.pod.dp_rank))
-    cache_hits = scored[0].match_length if scored else 0
-    coverage = cache_hits / total_blocks if total_blocks else 0.0
-    return Locality(total_blocks, cache_hits, coverage, scored)
+
+def _order(score: PodScore) -> tuple[float, str, int]:
+    return (-score.score, score.pod.pod_id, score.pod.dp_rank)
 
 
 def _score(match: PodMatch, total_blocks: int, weights: TierWeights) -> PodScore:
     tiers: dict[str, int] = {}
     weighted = 0.0
     best = weights.best
-    for tier_set, count in match.prefix_tiers.items():
+    # In ascending tier-set order, as the native plane sums them: the same float in both.
+    for tier_set, count in sorted(match.prefix_tiers.items()):
         weighted += best(tier_set) * count
         for label in _LABELS_OF_SET[tier_set]:
             tiers[label] = tiers.get(label, 0) + count

@@ -26,6 +26,8 @@ class PodStatus:
     lost_batches: int
     replays: int
     restarts: int
+    dropped: int = 0
+    """Times its frames were dropped because the ingest buffer was full."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,70 +1,213 @@
 """Prometheus metrics: one registry per service instance, no globals.
 
-Names follow CONTRACT.md section 5. Index sizes and eviction totals are read from the
-latest ``IndexStats`` snapshot at scrape time, so the index itself carries no metric code.
+Names follow CONTRACT.md section 5. What the data plane counts (events, drops, sequence
+gaps, the index's size and evictions, the ingest buffer...) it keeps itself, natively or in
+Python; ``_PlaneCollector`` reads it at scrape time, so neither plane carries metric code.
+The query path and the replay fetches, which run here, use ordinary metrics.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable
+from collections import Counter as Tally
+from collections.abc import Iterable, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
-from service.events.vllm import BATCH_ERROR_REASONS, EVENT_SKIP_REASONS
-from service.index.protocol import EVICTION_REASONS, IndexStats
-from service.index.translate import SKIP_REASONS
+if TYPE_CHECKING:
+    from service.dataplane.protocol import PlaneCounts
+    from service.dataplane.registry import StreamSnapshot
 
-__all__ = ["DROP_REASONS", "Metrics"]
+__all__ = ["DROP_REASONS", "EVENT_TYPES", "EVICTION_REASONS", "LATENCY_BUCKETS", "Metrics"]
 
-# Reasons a whole batch is dropped before its events are read.
-DROP_REASONS = (
-    "unidentified",
-    "queue_full",
-    "replay_buffer_full",
-    "bad_frame",
-    "pod_dropped",
-    "internal_error",
-)
-
-_LATENCY_BUCKETS = (
+LATENCY_BUCKETS: tuple[float, ...] = (
     50e-6, 100e-6, 200e-6, 300e-6, 500e-6, 750e-6,
     1e-3, 2e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1.0,
 )  # fmt: skip
 
+DROP_REASONS: tuple[str, ...] = (
+    # a payload that is not a batch (events/vllm.py)
+    "msgpack",
+    "batch_shape",
+    # one event skipped (events/vllm.py)
+    "unknown_type",
+    "event_shape",
+    "bad_hash",
+    "bad_field",
+    "unknown_medium",
+    # one event (or part of it) that cannot be keyed (index/translate.py)
+    "unknown_parent",
+    "unmapped",
+    "bad_tokens",
+    # a whole frame dropped before its events are read
+    "unidentified",
+    "buffer_full",
+    "replay_buffer_full",
+    "bad_frame",
+    "pod_dropped",
+    "limit",
+    "internal_error",
+)
+"""Every reason of ``kv_cache_event_decode_errors_total``: nothing is dropped silently."""
 
-class _IndexCollector(Collector):
-    """Exports the last index snapshot: sizes and evictions by reason."""
+EVENT_TYPES: tuple[str, ...] = ("BlockStored", "BlockRemoved", "AllBlocksCleared")
+EVICTION_REASONS: tuple[str, ...] = ("removed", "cleared", "ttl", "capacity")
+
+
+class PlaneSource(Protocol):
+    """What the collector reads from the running data plane."""
+
+    @property
+    def kind(self) -> str: ...
+    def counts(self) -> PlaneCounts: ...
+    def streams(self) -> list[StreamSnapshot]: ...
+
+
+class _PlaneCollector(Collector):
+    """Exports the data plane's counters and stream snapshots at scrape time."""
 
     def __init__(self) -> None:
-        self.stats: IndexStats | None = None
+        self.plane: PlaneSource | None = None
 
     def collect(self) -> Iterable[Metric]:
-        stats = self.stats
-        blocks = GaugeMetricFamily("kv_cache_blocks_total", "Indexed (block, pod) entries")
-        blocks.add_metric([], stats.entries if stats is not None else 0)
-        model_blocks = GaugeMetricFamily(
-            "kv_cache_model_blocks", "Indexed (block, pod) entries per model", labels=["model"]
-        )
-        evictions = CounterMetricFamily(
-            "kv_cache_evictions", "Entries evicted from the index, by reason", labels=["reason"]
-        )
-        if stats is not None:
-            by_model: dict[str, int] = {}
-            for (model, _), count in stats.entries_by_pod.items():
-                by_model[model] = by_model.get(model, 0) + count
-            for model, count in sorted(by_model.items()):
-                model_blocks.add_metric([model], count)
-            for reason in EVICTION_REASONS:
-                evictions.add_metric([reason], stats.evictions.get(reason, 0))
-        yield blocks
-        yield model_blocks
-        yield evictions
+        plane = self.plane
+        counts = plane.counts() if plane is not None else None
+        streams = plane.streams() if plane is not None else []
+        yield from _index_metrics(counts, streams)
+        yield from _ingest_metrics(counts, streams)
+        yield from _stream_metrics(streams)
 
     def describe(self) -> Iterable[Metric]:
         return []
+
+
+def _index_metrics(counts: PlaneCounts | None, streams: Sequence[StreamSnapshot]) -> list[Metric]:
+    blocks = GaugeMetricFamily("kv_cache_blocks", "Indexed (block, pod) entries")
+    blocks.add_metric([], counts.entries if counts is not None else 0)
+    model_blocks = GaugeMetricFamily(
+        "kv_cache_model_blocks", "Indexed (block, pod) entries per model", labels=["model"]
+    )
+    by_model: Tally[str] = Tally()
+    for stream in streams:
+        by_model[stream.model] += stream.blocks
+    for model, count in sorted(by_model.items()):
+        model_blocks.add_metric([model], count)
+    evictions = CounterMetricFamily(
+        "kv_cache_evictions", "Entries evicted from the index, by reason", labels=["reason"]
+    )
+    for reason in EVICTION_REASONS:
+        evictions.add_metric([reason], counts.evictions.get(reason, 0) if counts else 0)
+    pods = GaugeMetricFamily("kv_cache_pods_tracked", "Pod streams (pod, rank) being tracked")
+    pods.add_metric([], len(streams))
+    return [blocks, model_blocks, evictions, pods]
+
+
+def _ingest_metrics(counts: PlaneCounts | None, streams: Sequence[StreamSnapshot]) -> list[Metric]:
+    events = CounterMetricFamily(
+        "kv_cache_events_received", "Events decoded, by type", labels=["type"]
+    )
+    for event_type in EVENT_TYPES:
+        events.add_metric([event_type], counts.events.get(event_type, 0) if counts else 0)
+    batches = CounterMetricFamily(
+        "kv_cache_batches_received", "Event batches received, by source", labels=["source"]
+    )
+    for source in ("live", "replay"):
+        batches.add_metric([source], counts.batches.get(source, 0) if counts else 0)
+    drops = CounterMetricFamily(
+        "kv_cache_event_decode_errors",
+        "Events or batches skipped, by reason (nothing is dropped silently)",
+        labels=["reason"],
+    )
+    for reason in DROP_REASONS:
+        drops.add_metric([reason], counts.drops.get(reason, 0) if counts else 0)
+    dropped = CounterMetricFamily(
+        "kv_cache_frames_dropped",
+        "Frames dropped before decoding because the ingest buffer was full, by pod",
+        labels=["pod", "reason"],
+    )
+    buffer_bytes = GaugeMetricFamily(
+        "kv_cache_ingest_buffer_bytes", "Bytes of frames waiting to be applied"
+    )
+    buffer_frames = GaugeMetricFamily(
+        "kv_cache_ingest_buffer_frames", "Frames waiting to be applied"
+    )
+    buffer_limit = GaugeMetricFamily(
+        "kv_cache_ingest_buffer_limit_bytes", "Bound of the ingest buffer (zmq.buffer_bytes)"
+    )
+    lag = HistogramMetricFamily(
+        "kv_cache_event_visible_lag_seconds",
+        "From the engine's batch timestamp to the batch being applied (visible to queries)",
+    )
+    if counts is not None:
+        for pod, count in sorted(counts.dropped_by_pod.items()):
+            dropped.add_metric([pod, "buffer_full"], count)
+        buffer_bytes.add_metric([], counts.buffer_bytes)
+        buffer_frames.add_metric([], counts.buffer_frames)
+        buffer_limit.add_metric([], counts.buffer_max_bytes)
+        cumulative = 0
+        buckets = []
+        for bound, count in zip(
+            (*(str(b) for b in counts.lag_buckets), "+Inf"), counts.lag_counts, strict=True
+        ):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        lag.add_metric([], buckets, counts.lag_sum)
+    mismatches = CounterMetricFamily(
+        "kv_cache_hash_mismatches",
+        "vllm key mode: engine hashes that differ from ours",
+        labels=["model"],
+    )
+    if counts is not None:
+        for model, count in sorted(counts.hash_mismatches.items()):
+            mismatches.add_metric([model], count)
+    del streams
+    return [events, batches, drops, dropped, buffer_bytes, buffer_frames, buffer_limit, lag,
+            mismatches]  # fmt: skip
+
+
+def _stream_metrics(streams: Sequence[StreamSnapshot]) -> list[Metric]:
+    gaps = CounterMetricFamily(
+        "kv_cache_sequence_gaps", "Gaps in a pod's event sequence", labels=["pod"]
+    )
+    lost = CounterMetricFamily(
+        "kv_cache_lost_batches", "Batches missed and not recovered by replay", labels=["pod"]
+    )
+    restarts = CounterMetricFamily(
+        "kv_cache_engine_restarts", "Engine restarts seen (sequence went back)", labels=["pod"]
+    )
+    lag = GaugeMetricFamily(
+        "kv_cache_event_lag_seconds",
+        "Now minus the engine timestamp of the pod's last batch, when it applied",
+        labels=["pod"],
+    )
+    per_pod: dict[str, list[float]] = {}
+    for s in streams:
+        totals = per_pod.setdefault(s.pod_id, [0, 0, 0, 0.0])
+        totals[0] += s.gaps
+        totals[1] += s.lost
+        totals[2] += s.restarts
+        totals[3] = max(totals[3], s.lag)
+    for pod, (pod_gaps, pod_lost, pod_restarts, pod_lag) in sorted(per_pod.items()):
+        gaps.add_metric([pod], pod_gaps)
+        lost.add_metric([pod], pod_lost)
+        restarts.add_metric([pod], pod_restarts)
+        lag.add_metric([pod], pod_lag)
+    return [gaps, lost, restarts, lag]
+
+
+def _version() -> str:
+    try:
+        return version("kv-cache")
+    except PackageNotFoundError:
+        return "0+unknown"
 
 
 class Metrics:
@@ -74,32 +217,12 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         self._asked = self._hits = 0
         r = self.registry
-        self.index = _IndexCollector()
-        r.register(self.index)
-        self.events_received = Counter(
-            "kv_cache_events_received", "Events decoded, by type", ["type"], registry=r
-        )
-        for event_type in ("BlockStored", "BlockRemoved", "AllBlocksCleared"):
-            self.events_received.labels(event_type)
-        self.batches_received = Counter(
-            "kv_cache_batches_received", "Event batches received, by source", ["source"],
-            registry=r,
-        )  # fmt: skip
-        self.decode_errors = Counter(
-            "kv_cache_event_decode_errors",
-            "Events or batches skipped, by reason (nothing is dropped silently)",
-            ["reason"],
-            registry=r,
-        )
-        for reason in (*BATCH_ERROR_REASONS, *EVENT_SKIP_REASONS, *SKIP_REASONS, *DROP_REASONS):
-            self.decode_errors.labels(reason)
-        self.sequence_gaps = Counter(
-            "kv_cache_sequence_gaps", "Gaps in a pod's event sequence", ["pod"], registry=r
-        )
-        self.lost_batches = Counter(
-            "kv_cache_lost_batches",
-            "Batches missed and not recovered by replay",
-            ["pod"],
+        self.plane = _PlaneCollector()
+        r.register(self.plane)
+        self.build_info = Gauge(
+            "kv_cache_build_info",
+            "1, labelled with the version and the data plane running (native or python)",
+            ["data_plane", "version"],
             registry=r,
         )
         self.replays = Counter(
@@ -108,33 +231,11 @@ class Metrics:
         self.replay_duration = Histogram(
             "kv_cache_replay_duration_seconds", "Time to fetch a replay", registry=r
         )
-        self.engine_restarts = Counter(
-            "kv_cache_engine_restarts", "Engine restarts seen (sequence went back)", ["pod"],
-            registry=r,
-        )  # fmt: skip
-        self.event_lag = Gauge(
-            "kv_cache_event_lag_seconds",
-            "Now minus the engine timestamp of the pod's last batch",
-            ["pod"],
-            registry=r,
-        )
-        self.visible_lag = Histogram(
-            "kv_cache_event_visible_lag_seconds",
-            "From the engine's batch timestamp to the batch being applied (visible to queries)",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.queue_depth = Gauge(
-            "kv_cache_ingest_queue_depth", "Batches waiting to be applied", registry=r
-        )
-        self.pods_tracked = Gauge(
-            "kv_cache_pods_tracked", "Pod streams (pod, rank) being tracked", registry=r
-        )
         self.query_duration = Histogram(
             "kv_cache_query_duration_seconds",
             "Query latency inside the service, by api",
             ["api"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         for api in ("rest", "grpc"):
@@ -150,18 +251,11 @@ class Metrics:
             "Blocks the best pod held / blocks asked about, over all queries so far",
             registry=r,
         )
-        self.hash_mismatches = Counter(
-            "kv_cache_hash_mismatches",
-            "vllm key mode: engine hashes that differ from ours",
-            ["model"],
-            registry=r,
-        )
 
-    def forget_pod(self, pod_id: str) -> None:
-        """Drops a pod's labelled series, so a deleted pod stops reporting its last values."""
-        for metric in (self.sequence_gaps, self.lost_batches, self.engine_restarts, self.event_lag):
-            with contextlib.suppress(KeyError):
-                metric.remove(pod_id)
+    def watch(self, plane: PlaneSource) -> None:
+        """Exports ``plane``'s counters from now on, and says which plane runs."""
+        self.plane.plane = plane
+        self.build_info.labels(plane.kind, _version()).set(1)
 
     def observe_query(self, api: str, seconds: float, total_blocks: int, hits: int) -> None:
         self.query_duration.labels(api).observe(seconds)

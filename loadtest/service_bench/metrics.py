@@ -98,17 +98,18 @@ class Snapshot:
 
 
 class Scraper:
-    """Scrapes ``/metrics`` on its own connection and keeps every ingest queue depth seen."""
+    """Scrapes ``/metrics`` on its own connection and keeps every ingest buffer frame count
+    seen."""
 
     def __init__(self, base_url: str) -> None:
         self._client = httpx.AsyncClient(base_url=base_url, timeout=10.0)
-        self.queue_depths: list[float] = []
+        self.buffer_frames: list[float] = []
 
     async def scrape(self) -> Snapshot:
         response = await self._client.get("/metrics")
         response.raise_for_status()
         snapshot = Snapshot.parse(response.text, time.perf_counter())
-        self.queue_depths.append(snapshot.value("kv_cache_ingest_queue_depth"))
+        self.buffer_frames.append(snapshot.value("kv_cache_ingest_buffer_frames"))
         return snapshot
 
     async def aclose(self) -> None:

@@ -70,7 +70,7 @@ def _ramp(results: Results, add: Callable[[str], None]) -> None:
             f"| {r.target:,.0f} | {r.offered:,.0f} | {r.applied:,.0f} |"
             f" {r.batches / r.seconds:,.0f} | {format_ms(r.lag_p50)} | {format_ms(r.lag_p99)} |"
             f" {format_ms(r.lag_max_bucket)} | {r.daemon_cpu:.0%} / {r.publishers_cpu:.0%} |"
-            f" {drain} | {r.queue_full_drops:,.0f} | {_entries(r.entries)} | {verdict} |"
+            f" {drain} | {r.buffer_full_drops:,.0f} | {_entries(r.entries)} | {verdict} |"
         )
     add("")
     best = results.ramp_sustained
@@ -143,7 +143,7 @@ def report(results: Results, command: str) -> str:
         " service = `kv_cache_query_duration_seconds` (inside QueryService, bucket-interpolated);"
         " CPU per request from /proc (daemon: under load includes ingest); lag = visible lag"
         " of the batches applied during the cell; backlog = time after the cell until the"
-        " ingest queue was empty and every pod's last batch fresh again (the next cell starts"
+        " ingest buffer was empty and every pod's last batch fresh again (the next cell starts"
         " then):"
     )
     add("")
@@ -175,15 +175,15 @@ def report(results: Results, command: str) -> str:
         add("")
         add(
             "| offered | applied | batches/s | CPU: daemon / publishers / client |"
-            " queue depth max (sampled) | queue_full drops | gaps / lost | drain after stop |"
+            " buffer frames max (sampled) | buffer_full drops | gaps / lost | drain after stop |"
         )
         add("|---|---|---|---|---|---|---|---|")
         add(
             f"| {ing['offered_blocks_per_s']:,.0f} blocks/s |"
             f" {ing['applied_blocks_per_s']:,.0f} blocks/s | {ing['batches_per_s']:,.0f} |"
             f" {ing['daemon_cpu']:.0%} / {ing['publishers_cpu']:.0%} / {ing['client_cpu']:.0%}"
-            f" | {ing['queue_depth_max_sampled']:.0f} ({ing['queue_depth_samples']:.0f}"
-            f" samples, between cells) | {ing['queue_full_drops']:.0f} |"
+            f" | {ing['buffer_frames_max_sampled']:.0f} ({ing['buffer_frames_samples']:.0f}"
+            f" samples, between cells) | {ing['buffer_full_drops']:.0f} |"
             f" {ing['sequence_gaps']:.0f} / {ing['lost_batches']:.0f} |"
             f" {'not drained' if drain < 0 else f'{drain * 1e3:,.0f} ms'} |"
         )

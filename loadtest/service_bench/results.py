@@ -96,9 +96,9 @@ class RampStep:
     lag_p50: float | None
     lag_p99: float | None
     lag_max_bucket: float | None  # the upper bound of the highest non-empty bucket
-    queue_full_drops: float
+    buffer_full_drops: float
     publisher_skips: int  # times a publisher fell > 50 ms behind its pace
-    drain: float | None  # seconds until the queue was empty after the step; None: not in 10 s
+    drain: float | None  # seconds until the buffer was empty after the step; None: not in 10 s
     daemon_cpu: float  # cores over the measured stretch
     publishers_cpu: float
     entries: tuple[float, float]

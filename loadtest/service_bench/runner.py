@@ -42,8 +42,8 @@ def _applied(snapshot: Snapshot) -> float:
 
 
 def _dropped(snapshot: Snapshot) -> float:
-    """Batches the daemon dropped because its ingest queue was full."""
-    return snapshot.value("kv_cache_event_decode_errors_total", reason="queue_full")
+    """Batches (frames) the daemon dropped because its ingest buffer was full."""
+    return snapshot.value("kv_cache_event_decode_errors_total", reason="buffer_full")
 
 
 def _top_bucket(buckets: list[tuple[float, float]]) -> float | None:
@@ -133,26 +133,27 @@ class Bench:
         self.results.others_cpu[phase] = max(0.0, others) / elapsed
 
     def entries(self, snapshot: Snapshot) -> float:
-        """Index entries at ``snapshot``: the blocks gauge is refreshed only once a second,
-        so count from the last quiet reading plus the blocks applied since (real time)."""
+        """Index entries at ``snapshot``: the blocks gauge may lag (the Python data plane
+        refreshes it once a second), so count from the last quiet reading plus the blocks
+        applied since (real time)."""
         if self.entry_base is None:
-            return snapshot.value("kv_cache_blocks_total")
+            return snapshot.value("kv_cache_blocks")
         entries, events = self.entry_base
         return entries + (_applied(snapshot) - events) * BLOCKS_PER_EVENT
 
     async def wait_caught_up(self, limit: float = 15.0) -> float | None:
-        """Seconds until the ingest queue is (nearly) empty on two scrapes in a row, so one
+        """Seconds until the ingest buffer is (nearly) empty on two scrapes in a row, so one
         measurement does not inherit the backlog of the one before; None after ``limit``.
 
         While the load runs, the last applied batch of every pod must also be fresh (lag
         gauge < 5 ms): after an overload the backlog also waits in ZeroMQ's queues, which
-        the queue depth does not show.
+        the buffer's frame count does not show.
         """
         start = time.perf_counter()
         calm = 0
         while time.perf_counter() - start < limit:
             snapshot = await self.scraper.scrape()
-            depth = snapshot.value("kv_cache_ingest_queue_depth")
+            depth = snapshot.value("kv_cache_ingest_buffer_frames")
             behind = self.loading and snapshot.max_value("kv_cache_event_lag_seconds") >= 0.005
             calm = calm + 1 if depth <= 8 and not behind else 0
             if calm == 2:
@@ -190,9 +191,9 @@ class Bench:
         self.progress.step(f"{label}: {blocks:,.0f} entries, RSS {rss / 2**20:,.1f} MiB")
 
     async def memory_phase(self) -> None:
-        await asyncio.sleep(1.1)  # the blocks gauge is refreshed about once a second
+        await asyncio.sleep(1.1)  # the python plane refreshes the blocks gauge once a second
         first = await self.scraper.scrape()
-        self._record_rss("after preload", first.value("kv_cache_blocks_total"))
+        self._record_rss("after preload", first.value("kv_cache_blocks"))
         fill_blocks = 0
         fill_seconds = 0.0
         for target in self.plan.fill_targets:
@@ -206,15 +207,15 @@ class Bench:
         bursts ahead of what the daemon applied. Returns (blocks applied, seconds)."""
         self.progress.step(f"filling the index to {target:,} entries (as fast as it applies)")
         snapshot = await self.scraper.scrape()
-        current = snapshot.value("kv_cache_blocks_total")
+        current = snapshot.value("kv_cache_blocks")
         per_batch = self.publishers.events_per_batch
-        # A batch dropped (queue full, in an earlier phase) is never applied.
+        # A batch dropped (buffer full, in an earlier phase) is never applied.
         dropped = _dropped(snapshot) * per_batch
         applied = _applied(snapshot) + dropped
         n_pubs = len(self.publishers.conns)
         to_send = max(0, math.ceil((target - current) / BLOCKS_PER_EVENT))
         per_burst = 200  # events per publisher: 1,600 events = 51,200 blocks per burst
-        window = 2 * per_burst * n_pubs  # well under the ingest queue and ZeroMQ's HWMs
+        window = 2 * per_burst * n_pubs  # well under the ingest buffer and ZeroMQ's HWMs
         expected = self.publishers.events_sent + self.probe.markers
         start = time.perf_counter()
         deadline = time.monotonic() + max(120.0, to_send * BLOCKS_PER_EVENT / 100_000)
@@ -243,7 +244,7 @@ class Bench:
         blocks = current
         while time.monotonic() < deadline and blocks < target:
             await asyncio.sleep(0.2)
-            blocks = (await self.scraper.scrape()).value("kv_cache_blocks_total")
+            blocks = (await self.scraper.scrape()).value("kv_cache_blocks")
         rate = sent * BLOCKS_PER_EVENT / seconds
         self._record_rss(f"filled in {seconds:.1f}s ({rate:,.0f} blocks/s)", blocks)
         return sent * BLOCKS_PER_EVENT, seconds
@@ -360,14 +361,14 @@ class Bench:
         )
         await asyncio.sleep(1.1)  # a fresh blocks gauge: the base of the entry counts
         quiet = await self.scraper.scrape()
-        self.entry_base = (quiet.value("kv_cache_blocks_total"), _applied(quiet))
+        self.entry_base = (quiet.value("kv_cache_blocks"), _applied(quiet))
         for i, conn in enumerate(publishers.conns):
             conn.send(("rate", self.rate / n, self.plan.load_max_seconds, i / n))
         load_start = time.perf_counter()
         self.loading = True
         try:
             await asyncio.sleep(self.plan.load_warmup)
-            first_depth = len(self.scraper.queue_depths)  # sampled from here on
+            first_depth = len(self.scraper.buffer_frames)  # sampled from here on
             before = await self.scraper.scrape()
             cpu = (self.daemon.cpu_seconds(), publishers.cpu_seconds(), time.process_time())
             await self.lag_window("ingest only (start)", self.plan.ingest_window)
@@ -387,7 +388,7 @@ class Bench:
         drained: float | None = None
         for _ in range(300):
             snapshot = await self.scraper.scrape()
-            dropped = snapshot.value("kv_cache_event_decode_errors_total", reason="queue_full")
+            dropped = _dropped(snapshot)
             if _applied(snapshot) + dropped * publishers.events_per_batch >= (
                 publishers.events_sent + self.probe.markers
             ):
@@ -397,13 +398,13 @@ class Bench:
         await asyncio.sleep(0.2)
         final = await self.scraper.scrape()  # gaps are seen when the frame after a drop is applied
         window = after.at - before.at
-        depths = self.scraper.queue_depths[first_depth:]
+        depths = self.scraper.buffer_frames[first_depth:]
 
         def delta(name: str, end: Snapshot = after, **labels: str) -> float:
             return end.value(name, **labels) - before.value(name, **labels)
 
         events = delta("kv_cache_events_received_total", type="BlockStored")
-        drops = delta("kv_cache_event_decode_errors_total", final, reason="queue_full")
+        drops = delta("kv_cache_event_decode_errors_total", final, reason="buffer_full")
         self.results.ingest = {
             "offered_blocks_per_s": sent * BLOCKS_PER_EVENT / load_seconds,
             "window_seconds": window,
@@ -413,9 +414,9 @@ class Bench:
             "daemon_cpu": (cpu_end[0] - cpu[0]) / window,
             "publishers_cpu": (cpu_end[1] - cpu[1]) / window,
             "client_cpu": (cpu_end[2] - cpu[2]) / window,
-            "queue_depth_max_sampled": max(depths, default=0.0),
-            "queue_depth_samples": len(depths),
-            "queue_full_drops": drops,
+            "buffer_frames_max_sampled": max(depths, default=0.0),
+            "buffer_frames_samples": len(depths),
+            "buffer_full_drops": drops,
             "other_skips": delta("kv_cache_event_decode_errors_total", final) - drops,
             "sequence_gaps": delta("kv_cache_sequence_gaps_total", final),
             "lost_batches": delta("kv_cache_lost_batches_total", final),
@@ -434,12 +435,12 @@ class Bench:
         )
         await asyncio.sleep(1.1)
         rss, hwm = self.daemon.rss_bytes()
-        blocks = (await self.scraper.scrape()).value("kv_cache_blocks_total")
+        blocks = (await self.scraper.scrape()).value("kv_cache_blocks")
         self.results.memory.append({"entries": blocks, "rss": rss, "hwm": hwm})
         ingest = self.results.ingest
         self.progress.step(
             f"load done: applied {ingest['applied_blocks_per_s']:,.0f} blocks/s,"
-            f" {ingest['queue_full_drops']:.0f} dropped"
+            f" {ingest['buffer_full_drops']:.0f} dropped"
         )
 
     # -- ingest ramp --------------------------------------------------------------------
@@ -514,7 +515,7 @@ class Bench:
         if applied < 0.95 * offered:
             why.append(f"applied {applied / offered:.0%} of the offered rate")
         if drops:
-            why.append(f"{drops:,.0f} batches dropped (queue full)")
+            why.append(f"{drops:,.0f} batches dropped (ingest buffer full)")
         if drain is None:
             why.append("backlog not drained 10 s after the step")
         sustained = not why
@@ -529,7 +530,7 @@ class Bench:
             lag_p50=histogram_quantile(lag, 0.50),
             lag_p99=lag_p99,
             lag_max_bucket=_top_bucket(lag),
-            queue_full_drops=drops,
+            buffer_full_drops=drops,
             publisher_skips=sum(int(r[2]) for r in replies),
             drain=drain,
             daemon_cpu=(cpu_end[0] - cpu[0]) / window,
@@ -545,7 +546,7 @@ class Bench:
         """Fill the index to ``LARGE_FILL`` entries as fast as the daemon applies; RSS."""
         await self.wait_caught_up()
         await asyncio.sleep(1.1)  # a fresh blocks gauge
-        current = (await self.scraper.scrape()).value("kv_cache_blocks_total")
+        current = (await self.scraper.scrape()).value("kv_cache_blocks")
         if current >= LARGE_FILL:
             self._record_rss("already past the large fill", current)
             return

@@ -7,14 +7,16 @@ CONTRACT.md section 4 lives here once.
 from __future__ import annotations
 
 import time
+from array import array
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from service.dataplane.protocol import DataPlane
 from service.errors import InvalidQuery, NotSupported, QueryTooLarge
-from service.index.protocol import BlockIndex, PodRank
-from service.models import ModelRegistry
+from service.index.keys import TOKEN_TYPECODE
+from service.index.protocol import PodRank
 from service.prompts import PromptEncoders
-from service.scoring import Locality, TierWeights, score_matches
+from service.scoring import Locality, locality
 from service.status import ModelStatus, PodStatus, Readiness, StatusSource
 
 __all__ = [
@@ -80,18 +82,14 @@ class QueryService:
 
     def __init__(
         self,
-        index: BlockIndex,
-        models: ModelRegistry,
+        plane: DataPlane,
         *,
-        weights: TierWeights,
         max_tokens: int,
         observe: Callable[[str, float, LocalityAnswer | None], None] | None = None,
         status: StatusSource | None = None,
         prompts: PromptEncoders | None = None,
     ) -> None:
-        self._index = index
-        self._models = models
-        self._weights = weights
+        self._plane = plane
         self._max_tokens = max_tokens
         self._observe = observe
         self._status = status
@@ -138,24 +136,22 @@ class QueryService:
         token_ids = query.token_ids
         if query.prompt is not None or query.messages is not None:
             token_ids = await self._tokenise(query)
-        keying = self._models.get(query.model)
-        keys: list[int] = []
         if token_ids is not None:
             if len(token_ids) > self._max_tokens:
                 what = "token ids" if query.token_ids is not None else "tokens in the prompt"
                 raise QueryTooLarge(
                     f"{len(token_ids)} {what} exceed api.max_tokens ({self._max_tokens})"
                 )
-            if keying is not None and keying.translator.block_size is not None:
-                try:
-                    keys = keying.translator.query_keys(
-                        token_ids, lora_name=query.lora_name, cache_salt=query.cache_salt
-                    )
-                except ValueError as error:
-                    raise InvalidQuery(f"token_ids: {error}") from None
-            elif query.token_ids is not None:  # a tokenizer's ids need no checking
-                _check_token_ids(token_ids)
-        elif query.block_hashes is not None:
+            if query.token_ids is not None:  # a tokenizer's ids need no checking
+                token_ids = _checked_token_ids(token_ids)
+            found = await self._plane.lookup(
+                query.model,
+                token_ids=token_ids,
+                lora_name=query.lora_name,
+                cache_salt=query.cache_salt,
+            )
+        else:
+            assert query.block_hashes is not None
             if query.lora_name is not None or query.cache_salt is not None:
                 raise InvalidQuery(
                     "lora_name and cache_salt apply to token_ids; engine block hashes"
@@ -171,18 +167,12 @@ class QueryService:
                     raise InvalidQuery(
                         f"block_hashes[{position}] = {value!r} is not an unsigned 64-bit int"
                     )
-            if keying is not None:
-                keys = keying.translator.keys_of_engine_hashes(query.block_hashes)
-        total_blocks = len(keys)
-        if query.block_hashes is not None:
-            total_blocks = len(query.block_hashes)
-        matches = await self._index.lookup(query.model, keys) if keys else []
+            found = await self._plane.lookup(query.model, block_hashes=query.block_hashes)
         candidates = None
         if query.pods is not None:
-            candidates = _candidates(query.pods, [m.pod for m in matches])
-        locality = score_matches(matches, total_blocks, self._weights, candidates)
-        block_size = keying.translator.block_size if keying is not None else None
-        return LocalityAnswer(query.model, block_size, locality)
+            candidates = _candidates(query.pods, [p.pod for p in found.pods])
+        answer = locality(found.pods, found.total_blocks, candidates)
+        return LocalityAnswer(query.model, found.block_size, answer)
 
     async def _tokenise(self, query: LocalityQuery) -> Sequence[int]:
         """The token ids of a ``prompt`` or ``messages`` query, as the engine will see them."""
@@ -198,10 +188,19 @@ class QueryService:
         return await encoder.chat_ids(query.messages, query.tools)
 
 
-def _check_token_ids(token_ids: Sequence[int]) -> None:
-    for position, token in enumerate(token_ids):
-        if type(token) is not int or not 0 <= token < 1 << 32:
-            raise InvalidQuery(f"token_ids[{position}] = {token!r} is not an int in [0, 2**32)")
+def _checked_token_ids(token_ids: Sequence[int]) -> Sequence[int]:
+    """The ids as a uint32 array (packed already: no copy); InvalidQuery names a bad one."""
+    if isinstance(token_ids, array) and token_ids.typecode == TOKEN_TYPECODE:
+        return token_ids
+    try:
+        return array(TOKEN_TYPECODE, token_ids)
+    except (TypeError, OverflowError):
+        for position, token in enumerate(token_ids):
+            if type(token) is not int or not 0 <= token < 1 << 32:
+                raise InvalidQuery(
+                    f"token_ids[{position}] = {token!r} is not an int in [0, 2**32)"
+                ) from None
+        raise InvalidQuery("token_ids: not a list of ints") from None
 
 
 def _candidates(labels: Sequence[str], matched: Sequence[PodRank]) -> list[PodRank]:

@@ -27,6 +27,7 @@ from prometheus_client.exposition import choose_encoder
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service._dataplane import unpack_json_tokens
 from service.api.query import LocalityAnswer, LocalityQuery, QueryService
 from service.api.rest_models import (
     ErrorResponse,
@@ -40,7 +41,6 @@ from service.api.rest_models import (
 )
 from service.errors import InvalidQuery, NotSupported, QueryError, QueryTooLarge, Unavailable
 from service.index.keys import TOKEN_TYPECODE
-from service.native import unpack_json_tokens
 from service.status import Readiness
 
 __all__ = ["create_rest_app"]
@@ -211,8 +211,6 @@ def _plain_query(raw: bytes) -> LocalityQuery | None:
     against ~250 us for 8192 ids); None for any other body, which the validated path then
     reads and, if need be, names the problem of. What this accepts, that path accepts alike.
     """
-    if unpack_json_tokens is None:
-        return None
     try:
         body = _PLAIN_LOCALITY.decode(raw)
         packed = unpack_json_tokens(body.token_ids)

@@ -48,8 +48,7 @@ event that still fails goes through a plain-Python check whose sole job is to na
 
 from __future__ import annotations
 
-from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Annotated, Any, Generic, TypeVar, cast
 
 import msgspec
@@ -63,8 +62,6 @@ from service.events.model import (
     EventBatch,
     Tier,
 )
-from service.index.keys import TOKEN_TYPECODE
-from service.native import unpack_tokens
 
 __all__ = [
     "BATCH_ERROR_REASONS",
@@ -255,33 +252,16 @@ def _typed_stored(event: _ArrayStored | _MapStored) -> BlockStored:
     )
 
 
-def _native_tokens(raw: msgspec.Raw) -> Sequence[int]:
-    """Token ids as a uint32 array (no Python int per token); the keys take it as is."""
-    assert unpack_tokens is not None
-    try:
-        packed = unpack_tokens(raw)
-    except ValueError:
-        raise _Skip("bad_field") from None
-    tokens = array(TOKEN_TYPECODE)
-    tokens.frombytes(packed)
-    return tokens
-
-
 _TOKENS = msgspec.msgpack.Decoder(tuple[_Token, ...] | None)
 
 
-def _python_tokens(raw: msgspec.Raw) -> Sequence[int]:
+def _tokens(raw: msgspec.Raw) -> Sequence[int]:
     if not raw:
         return ()
     try:
         return _TOKENS.decode(raw) or ()
     except _UNDECODABLE:
         raise _Skip("bad_field") from None
-
-
-_tokens: Callable[[msgspec.Raw], Sequence[int]] = (
-    _native_tokens if unpack_tokens is not None else _python_tokens
-)
 
 
 _ArrayEvent = _ArrayStored | _ArrayRemoved | _ArrayCleared

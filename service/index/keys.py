@@ -26,8 +26,6 @@ from typing import Final, Literal, Protocol, get_args
 import cbor2
 import xxhash
 
-from service.index.loops import chain_keys
-
 __all__ = [
     "DEFAULT_MAX_PARENTS",
     "TOKEN_TYPECODE",
@@ -169,7 +167,22 @@ class TokenKeys:
             key = parent
         else:
             raise ValueError(f"parent must be an unsigned 64-bit int, got {parent!r}")
-        return chain_keys(data, block_size * 4, key)
+        return _chain_keys(data, block_size * 4, key)
+
+
+def _chain_keys(data: bytes, step: int, seed: int) -> list[int]:
+    """Chained xxh3-64 over consecutive ``step``-byte pieces of ``data``, each seeded with
+    the digest before it (the first with ``seed``); a trailing partial piece is ignored."""
+    # Bytes slices beat memoryview slices and struct packing on CPython 3.11
+    # (docs/performance.md, "Block keys").
+    end = len(data) - len(data) % step
+    digest = xxhash.xxh3_64_intdigest
+    keys: list[int] = []
+    key = seed
+    for offset in range(0, end, step):
+        key = digest(data[offset : offset + step], key)
+        keys.append(key)
+    return keys
 
 
 _TOKENS_DOMAIN: Final = b"kv-cache/tokens/v1\x00"

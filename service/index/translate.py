@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import islice
-from typing import Final
 
 from service.events.model import (
     AllBlocksCleared,
@@ -30,9 +28,7 @@ from service.events.model import (
     EngineHash,
     Event,
 )
-from service.index.buckets import ROUTE, ROUTE_MASK, SHARES, new_buckets
 from service.index.keys import BlockKeyer, HashCheck, VllmKeys
-from service.index.loops import set_routed
 from service.index.protocol import ClearPod, IndexOp, RemoveBlocks, StoreBlocks
 
 __all__ = ["SKIP_REASONS", "EventTranslator", "Translation"]
@@ -58,8 +54,9 @@ class EventTranslator:
 
     ``max_engine_hashes`` bounds the engine hash -> key map (tokens mode). The map is
     shared by the model's pods (the same engine hash means the same tokens, whichever pod
-    sent it) and forgets the hashes first stored longest ago, except that a hash used as a
-    parent counts as new again, so a shared prefix's mapping outlives one-off chains.
+    sent it) and forgets the hashes stored longest ago, a generation at a time, except that
+    a hash used as a parent counts as new again, so a shared prefix's mapping outlives
+    one-off chains.
     """
 
     def __init__(self, keyer: BlockKeyer, *, max_engine_hashes: int = 1_000_000) -> None:
@@ -205,51 +202,44 @@ class EventTranslator:
         return keys
 
 
-_SPLIT_FROM: Final = 4 * len(ROUTE)
-_ONE_DICT: Final = (0,) * len(ROUTE)
-
-
 class _EngineKeys:
-    """Engine hash -> key in 1024 dicts (``service/index/buckets.py``: no long resize stalls),
-    each holding at most its share of the bound and forgetting its oldest first. A bound
-    under 16,384 (~16 per dict) keeps one dict, so its LRU stays exact where it matters."""
+    """Engine hash -> key, in two generations (native/engine_map.hpp is the twin): at most
+    half the bound each; when the young one fills it becomes the old one and the previous
+    old one is dropped whole. A hash touched as a parent moves to the young generation, so a
+    shared prefix's mapping outlives one-off chains."""
 
-    __slots__ = ("_by_route", "_limit_by_route", "_parts")
+    __slots__ = ("_half", "_old", "_young")
 
     def __init__(self, bound: int) -> None:
-        if bound >= _SPLIT_FROM:
-            route = ROUTE
-            self._parts: list[dict[EngineHash, int]] = new_buckets()
-            limits = [max(1, bound * share // len(ROUTE)) for share in SHARES]
-        else:
-            route = _ONE_DICT
-            self._parts = [{}]
-            limits = [bound]
-        # Per routing value (a key's low 12 bits): its dict and that dict's bound.
-        self._by_route = [self._parts[bucket] for bucket in route]
-        self._limit_by_route = [limits[bucket] for bucket in route]
+        self._half = max(1, bound // 2)
+        self._young: dict[EngineHash, int] = {}
+        self._old: dict[EngineHash, int] = {}
 
     def __len__(self) -> int:
-        return sum(map(len, self._parts))
+        return len(self._young) + len(self._old)
 
     def get(self, engine_hash: EngineHash) -> int | None:
-        return self._by_route[engine_hash & ROUTE_MASK].get(engine_hash)
+        key = self._young.get(engine_hash)
+        return self._old.get(engine_hash) if key is None else key
 
     def touch(self, engine_hash: EngineHash) -> int | None:
-        """The key, now counted as the most recently stored."""
-        part = self._by_route[engine_hash & ROUTE_MASK]
-        key = part.pop(engine_hash, None)
-        if key is not None:
-            part[engine_hash] = key
+        """The key, now counted as recently used."""
+        key = self._young.get(engine_hash)
+        if key is None:
+            key = self._old.get(engine_hash)
+            if key is not None:
+                self._put(engine_hash, key)
         return key
 
     def update(self, hashes: Sequence[EngineHash], keys: Sequence[int]) -> None:
-        for route in set_routed(self._by_route, self._limit_by_route, ROUTE_MASK, hashes, keys):
-            part, limit = self._by_route[route], self._limit_by_route[route]
-            if len(part) > limit:
-                # Forget a slice at a time: deleting from a dict's front is cheap in bulk.
-                for old in list(islice(part, max(1, limit // 100))):
-                    del part[old]
+        for engine_hash, key in zip(hashes, keys, strict=True):
+            self._put(engine_hash, key)
+
+    def _put(self, engine_hash: EngineHash, key: int) -> None:
+        young = self._young
+        young[engine_hash] = key
+        if len(young) >= self._half:
+            self._old, self._young = young, {}
 
 
 def _salt_and_plainness(event: BlockStored, starts_prompt: bool) -> tuple[str | None, bool]:

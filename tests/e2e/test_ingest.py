@@ -1,4 +1,5 @@
-"""The real daemon, fed over real ZeroMQ by stand-in vLLM engines, answering over REST."""
+"""The real daemon (on its default, the native data plane), fed over real ZeroMQ by stand-in
+vLLM engines, answering over REST."""
 
 from __future__ import annotations
 
@@ -327,20 +328,70 @@ def test_bad_grpc_requests_get_invalid_argument_and_the_daemon_keeps_serving(
         assert answer.total_blocks == 4
 
 
+def metric_types(text: str) -> dict[str, str]:
+    """Metric family -> type, from the ``# TYPE`` lines of a scrape."""
+    return {
+        parts[2]: parts[3]
+        for line in text.splitlines()
+        if line.startswith("# TYPE ") and len(parts := line.split()) == 4
+    }
+
+
 def test_contract_metrics_are_exported(bound: Daemon) -> None:
     text = bound.http.get("/metrics").text
-    for name in (
-        "kv_cache_blocks_total",
-        "kv_cache_events_received_total",
-        "kv_cache_query_duration_seconds",
-        "kv_cache_hit_ratio",
-        "kv_cache_pods_tracked",
-        "kv_cache_event_decode_errors_total",
-        "kv_cache_sequence_gaps_total",
-        "kv_cache_replays_total",
-        "kv_cache_evictions_total",
-        "kv_cache_event_lag_seconds",
-        "kv_cache_hash_mismatches_total",
-    ):
-        assert f"\n{name}" in text or f"# TYPE {name.removesuffix('_total')}" in text, name
+    types = metric_types(text)
+    expected = {
+        "kv_cache_blocks": "gauge",  # formerly kv_cache_blocks_total (CONTRACT.md section 5)
+        "kv_cache_events_received_total": "counter",
+        "kv_cache_query_duration_seconds": "histogram",
+        "kv_cache_hit_ratio": "gauge",
+        "kv_cache_pods_tracked": "gauge",
+        "kv_cache_event_decode_errors_total": "counter",
+        "kv_cache_sequence_gaps_total": "counter",
+        "kv_cache_lost_batches_total": "counter",
+        "kv_cache_replays_total": "counter",
+        "kv_cache_evictions_total": "counter",
+        "kv_cache_event_lag_seconds": "gauge",
+        "kv_cache_event_visible_lag_seconds": "histogram",
+        "kv_cache_hash_mismatches_total": "counter",
+        "kv_cache_ingest_buffer_bytes": "gauge",
+        "kv_cache_ingest_buffer_frames": "gauge",
+        "kv_cache_ingest_buffer_limit_bytes": "gauge",
+        "kv_cache_frames_dropped_total": "counter",
+        "kv_cache_build_info": "gauge",
+    }
+    assert {name: types.get(name) for name in expected} == expected
+    for gone in ("kv_cache_blocks_total", "kv_cache_ingest_queue_depth"):
+        assert gone not in types
     assert bound.metric("kv_cache_events_received_total", type="BlockStored") > 0
+    assert bound.metric("kv_cache_ingest_buffer_limit_bytes") == 256 * 1024 * 1024
+    for reason in ("buffer_full", "limit", "pod_dropped", "unidentified"):
+        assert f'kv_cache_event_decode_errors_total{{reason="{reason}"}}' in text
+    # The daemon runs the native data plane unless told otherwise.
+    (info,) = [line for line in text.splitlines() if line.startswith("kv_cache_build_info{")]
+    assert 'data_plane="native"' in info and info.endswith(" 1.0")
+
+
+def test_the_python_data_plane_answers_and_says_it_is_not_for_production() -> None:
+    port = free_port()
+    config = {
+        "data_plane": "python",
+        "zmq": {"endpoint": f"tcp://127.0.0.1:{port}", "buffer_bytes": "1MiB"},
+    }
+    with daemon(config) as running:
+        engine = Engine(f"kv@10.0.3.1:8000@{MODEL}", connect=f"tcp://127.0.0.1:{port}")
+        try:
+            engine.wait_subscribed()
+            engine.publish([stored(hashes(4, 12 << 40), PROMPT)])
+            wait_for(lambda: running.matches(MODEL, PROMPT) == {"10.0.3.1:8000": 4}, what="store")
+        finally:
+            engine.close()
+        ready = running.http.get("/readyz")
+        assert ready.status_code == 200
+        (warning,) = ready.json()["warnings"]
+        assert "data_plane is 'python'" in warning
+        assert running.metric("kv_cache_ingest_buffer_limit_bytes") == 1024 * 1024
+        text = running.http.get("/metrics").text
+        (info,) = [line for line in text.splitlines() if line.startswith("kv_cache_build_info{")]
+        assert 'data_plane="python"' in info
+        assert '"data_plane": "python"' in running.logs()

@@ -50,7 +50,9 @@ def test_defaults_match_the_contract() -> None:
     assert settings.zmq.replay_timeout == 5.0
     assert settings.zmq.replay_concurrency == 4
     assert settings.zmq.stale_after == 300.0
-    assert settings.zmq.queue_size == 10_000
+    assert settings.zmq.buffer_bytes == 256 * 1024 * 1024
+    assert settings.zmq.max_frame_bytes == 64 * 1024 * 1024
+    assert settings.data_plane == "native"
     assert (settings.api.host, settings.api.port) == ("0.0.0.0", 8080)
     assert settings.api.max_tokens == 131_072
     assert settings.api.max_body_bytes == 8 * 1024 * 1024
@@ -87,9 +89,12 @@ def test_yaml_file_nested_keys(tmp_path: Path) -> None:
     path = write(
         tmp_path,
         """
+        data_plane: python
         zmq:
           endpoint: ""
           topic_filter: "kv@10."
+          buffer_bytes: 64MiB
+          max_frame_bytes: 1MiB
           pods:
             - pod_id: 10.0.0.7:8000
               endpoint: tcp://10.0.0.7:5557
@@ -107,8 +112,10 @@ def test_yaml_file_nested_keys(tmp_path: Path) -> None:
         """,
     )
     settings = load_settings(path, environ={})
+    assert settings.data_plane == "python"
     assert settings.zmq.endpoint == ""
     assert settings.zmq.topic_filter == "kv@10."
+    assert (settings.zmq.buffer_bytes, settings.zmq.max_frame_bytes) == (64 << 20, 1 << 20)
     (pod,) = settings.zmq.pods
     assert (pod.pod_id, pod.endpoint, pod.replay_endpoint) == (
         "10.0.0.7:8000",
@@ -175,6 +182,8 @@ def test_missing_file_is_an_error_naming_it(tmp_path: Path) -> None:
         ("zmq_endpoint: tcp://*:1", "zmq_endpoint"),
         ("models: [{name: m, keymode: vllm}]", "models[0].keymode"),
         ("scoring: {tier_weights: {hbm: 1.0}}", "scoring.tier_weights.hbm"),
+        # Removed with the native data plane (zmq.buffer_bytes bounds the buffer now).
+        ("zmq: {queue_size: 10000}", "zmq.queue_size"),
     ],
 )
 def test_unknown_key_in_file_is_an_error_naming_it(tmp_path: Path, text: str, key: str) -> None:
@@ -256,9 +265,14 @@ def test_env_values_are_parsed_like_file_values() -> None:
             "KV_CACHE_SCORING_TIER_WEIGHTS_DISK": "0.25",
             "KV_CACHE_LOGGING_LEVEL": "WARNING",
             "KV_CACHE_REDIS_URL": "",
+            "KV_CACHE_DATA_PLANE": "python",
+            "KV_CACHE_ZMQ_BUFFER_BYTES": "32MiB",
+            "KV_CACHE_ZMQ_MAX_FRAME_BYTES": "4096",
         }
     )
     assert settings.zmq.endpoint == ""  # empty is meaningful here: bind mode off
+    assert settings.data_plane == "python"
+    assert (settings.zmq.buffer_bytes, settings.zmq.max_frame_bytes) == (32 * 1024 * 1024, 4096)
     assert settings.index.ttl == 90.0
     assert settings.api.max_body_bytes == 1024 * 1024
     assert settings.scoring.tier_weights.disk == 0.25
@@ -385,6 +399,9 @@ def test_hash_seed_rejects_a_bool(tmp_path: Path) -> None:
         ({"KV_CACHE_ZMQ_ENDPOINT": "localhost:5555"}, "zmq.endpoint: invalid ZeroMQ endpoint"),
         ({"KV_CACHE_REDIS_URL": "http://x"}, "redis.url: invalid Redis URL 'http://x'"),
         ({"KV_CACHE_LOGGING_FORMAT": "xml"}, "logging.format: input should be 'json' or"),
+        ({"KV_CACHE_DATA_PLANE": "rust"}, "data_plane: input should be 'native' or 'python'"),
+        ({"KV_CACHE_ZMQ_BUFFER_BYTES": "lots"}, "zmq.buffer_bytes: invalid byte size"),
+        ({"KV_CACHE_ZMQ_MAX_FRAME_BYTES": "0"}, "zmq.max_frame_bytes: byte size must be > 0"),
     ],
 )
 def test_bad_env_value_names_key_value_and_variable(env: dict[str, str], expected: str) -> None:

@@ -1,11 +1,11 @@
-"""score_matches: the numbers a scheduler plugin reads."""
+"""score_pods, locality, score_matches: the numbers a scheduler plugin reads."""
 
 from __future__ import annotations
 
 import pytest
 
 from service.index.protocol import PodMatch, PodRank
-from service.scoring import TierWeights, score_matches
+from service.scoring import PodScore, TierWeights, locality, score_matches, score_pods
 
 A, B, C = PodRank("10.0.0.1:8000"), PodRank("10.0.0.2:8000"), PodRank("10.0.0.3:8000")
 GPU, CPU, DISK = 0b001, 0b010, 0b100
@@ -64,3 +64,22 @@ def test_nothing_cached() -> None:
 def test_weights_must_be_fractions() -> None:
     with pytest.raises(ValueError, match="cpu"):
         TierWeights(cpu=1.5)
+
+
+def test_score_pods_leaves_out_pods_holding_none_of_the_prompt() -> None:
+    matches = [PodMatch(B, 0, 0, {}), PodMatch(C, 0, 2, {}), PodMatch(A, 1, 1, {GPU: 1})]
+    scored = score_pods(matches, 4, TierWeights())
+    # C holds blocks past the first only: listed, with score 0, after the pods that match.
+    assert [(p.pod, p.match_length, p.block_count, p.score) for p in scored] == [
+        (A, 1, 1, 0.25),
+        (C, 0, 2, 0.0),
+    ]
+
+
+def test_locality_keeps_the_planes_order_and_names_the_best_pod() -> None:
+    pods = [PodScore(B, 3, 3, {"gpu": 3}, 0.75), PodScore(A, 1, 2, {"gpu": 1}, 0.25)]
+    answer = locality(pods, 4)
+    assert answer.pods == pods
+    assert (answer.total_blocks, answer.cache_hits, answer.coverage) == (4, 3, 0.75)
+    only_a = locality(pods, 4, [A])
+    assert (only_a.pods, only_a.cache_hits) == ([pods[1]], 1)

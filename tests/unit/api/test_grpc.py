@@ -1,7 +1,9 @@
 """The gRPC edge, end to end in one process: a real grpc.aio server and client over a real
-QueryService and MemoryIndex fed decoded vLLM events.
+QueryService and data plane fed vLLM wire bytes (tests/support/planes.py).
 
-pytest-asyncio is not a dependency: each test runs its coroutine with ``asyncio.run``.
+Every test that checks an answer runs against both data planes (``kind``: native and the
+Python reference). pytest-asyncio is not a dependency: each test runs its coroutine with
+``asyncio.run``.
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ from service.api.generated.indexer.v1 import indexer_pb2, indexer_pb2_grpc
 from service.api.generated.kvcache.v1 import kvcache_pb2, kvcache_pb2_grpc
 from service.api.grpc_server import GrpcApi, start_grpc_server
 from service.api.query import LocalityAnswer, LocalityQuery, QueryService
+from service.dataplane.protocol import DataPlaneKind
 from service.errors import Unavailable
-from service.events.vllm import decode_batch
-from service.index.memory import MemoryIndex
-from service.index.protocol import PodMatch, PodRank
-from service.models import ModelRegistry
-from service.scoring import TierWeights
-from service.status import ModelStatus, PodStatus, Readiness
-from tests.support.vllm_wire import WireEvent, encode_batch, removed, stored
+from service.index.protocol import BlockIndex, PodMatch, PodRank
+from service.index.reference import ReferenceIndex
+from service.readiness import ServiceStatus
+from service.status import ModelStatus, PodStatus, Readiness, StatusSource
+from tests.support.planes import Feeder, make_plane
+from tests.support.vllm_wire import removed, stored
 
 if TYPE_CHECKING:
     from service.api.generated.indexer.v1.indexer_pb2_grpc import IndexerServiceAsyncStub
@@ -61,28 +63,40 @@ class Status:
         return Readiness(self.ready, () if self.ready else ("starting",))
 
 
-async def feed(
-    index: MemoryIndex, models: ModelRegistry, pod_id: str, *events: WireEvent, dp_rank: int = 0
-) -> None:
-    """One batch from ``pod_id`` through decode -> translate -> apply, as the daemon does."""
-    batch = decode_batch(encode_batch(list(events), dp_rank=dp_rank))
-    translation = models.get_or_add(MODEL).translator.translate(batch.events)
-    pod = PodRank(pod_id, batch.data_parallel_rank or 0)
-    await index.apply(MODEL, pod, translation.ops)
+@dataclass
+class Fed:
+    """A QueryService over a data plane fed by ``feeder``, and that plane's status."""
+
+    queries: QueryService
+    feeder: Feeder
+    status: ServiceStatus
 
 
-async def fed_queries(
-    index: MemoryIndex | None = None, status: Status | None = None
-) -> QueryService:
-    """An index where pod A holds all four blocks of TOKENS, the last two moved from GPU to
-    CPU (score 0.9), and pod B's rank 1 the first two on GPU (score 0.5)."""
-    if index is None:
-        index = MemoryIndex()
-    models = ModelRegistry(max_engine_hashes=1000)
-    await feed(index, models, A, stored(HASHES, TOKENS))
-    await feed(index, models, A, stored(HASHES[2:], medium="CPU"), removed(HASHES[2:]))
-    await feed(index, models, B, stored(HASHES[:2], TOKENS[:32]), dp_rank=1)
-    return QueryService(index, models, weights=TierWeights(), max_tokens=MAX_TOKENS, status=status)
+@asynccontextmanager
+async def fed(
+    kind: DataPlaneKind = "native",
+    *,
+    index: BlockIndex | None = None,
+    status: StatusSource | None = None,
+    service: type[QueryService] = QueryService,
+    max_tokens: int = MAX_TOKENS,
+) -> AsyncIterator[Fed]:
+    """A plane where pod A holds all four blocks of TOKENS, the last two moved from GPU to
+    CPU (score 0.9), and pod B's rank 1 the first two on GPU (score 0.5); stopped after.
+
+    ``status`` replaces the plane's own (a ``ServiceStatus``, started)."""
+    plane = make_plane(kind, index=index)
+    try:
+        feeder = Feeder(plane, MODEL)
+        await feeder.send(A, stored(HASHES, TOKENS))
+        await feeder.send(A, stored(HASHES[2:], medium="CPU"), removed(HASHES[2:]))
+        await feeder.send(B, stored(HASHES[:2], TOKENS[:32]), rank=1)
+        own = ServiceStatus(plane)
+        own.started = True
+        queries = service(plane, max_tokens=max_tokens, status=status or own)
+        yield Fed(queries, feeder, own)
+    finally:
+        await plane.stop()
 
 
 @asynccontextmanager
@@ -96,11 +110,13 @@ async def serving(queries: QueryService) -> AsyncIterator[tuple[GrpcApi, grpc.ai
         await api.stop(None)
 
 
-def run_kvcache(test: Callable[[KVCacheServiceAsyncStub], Awaitable[None]]) -> None:
-    """Runs ``test`` against a server over the fed index."""
+def run_kvcache(
+    test: Callable[[KVCacheServiceAsyncStub], Awaitable[None]], kind: DataPlaneKind = "native"
+) -> None:
+    """Runs ``test`` against a server over the fed plane."""
 
     async def main() -> None:
-        async with serving(await fed_queries()) as (_, channel):
+        async with fed(kind) as setup, serving(setup.queries) as (_, channel):
             await test(kvcache_pb2_grpc.KVCacheServiceStub(channel))
 
     asyncio.run(main())
@@ -126,7 +142,7 @@ def pods_of(response: kvcache_pb2.LocalityResponse) -> list[tuple[str, int, int,
 # -- answers --------------------------------------------------------------------------------
 
 
-def test_locality_answers_every_field() -> None:
+def test_locality_answers_every_field(kind: DataPlaneKind) -> None:
     async def test(stub: KVCacheServiceAsyncStub) -> None:
         # A trailing partial block is not a block.
         response = await stub.Locality(query(token_ids=[*TOKENS, 1, 2, 3]))
@@ -138,10 +154,10 @@ def test_locality_answers_every_field() -> None:
         assert [dict(p.tiers) for p in response.pods] == [{"gpu": 2, "cpu": 2}, {"gpu": 2}]
         assert [p.score for p in response.pods] == pytest.approx([(2 + 2 * 0.8) / 4, 0.5])
 
-    run_kvcache(test)
+    run_kvcache(test, kind)
 
 
-def test_packed_token_ids_answer_as_the_list_does() -> None:
+def test_packed_token_ids_answer_as_the_list_does(kind: DataPlaneKind) -> None:
     async def test(stub: KVCacheServiceAsyncStub) -> None:
         tokens = [*TOKENS, 1, 2, 3]
         packed = b"".join(t.to_bytes(4, "little") for t in tokens)
@@ -150,19 +166,19 @@ def test_packed_token_ids_answer_as_the_list_does() -> None:
         response = await stub.Locality(query(token_ids_packed=packed, lora_name="sql-adapter"))
         assert (response.total_blocks, len(response.pods)) == (4, 0)
 
-    run_kvcache(test)
+    run_kvcache(test, kind)
 
 
-def test_block_hashes_resolve_through_the_hashes_seen_in_events() -> None:
+def test_block_hashes_resolve_through_the_hashes_seen_in_events(kind: DataPlaneKind) -> None:
     async def test(stub: KVCacheServiceAsyncStub) -> None:
         response = await stub.Locality(query(block_hashes=HASHES[:2]))
         assert (response.total_blocks, response.cache_hits) == (2, 2)
         assert pods_of(response) == [(A, 0, 2, 32, 2), (B, 1, 2, 32, 2)]
 
-    run_kvcache(test)
+    run_kvcache(test, kind)
 
 
-def test_lora_name_and_cache_salt_reach_the_keys() -> None:
+def test_lora_name_and_cache_salt_reach_the_keys(kind: DataPlaneKind) -> None:
     async def test(stub: KVCacheServiceAsyncStub) -> None:
         for request in (
             query(token_ids=TOKENS, lora_name="sql-adapter"),
@@ -171,10 +187,12 @@ def test_lora_name_and_cache_salt_reach_the_keys() -> None:
             response = await stub.Locality(request)
             assert (response.total_blocks, len(response.pods)) == (4, 0)
 
-    run_kvcache(test)
+    run_kvcache(test, kind)
 
 
-def test_candidates_filter_answers_every_candidate_unmatched_ones_with_zero() -> None:
+def test_candidates_filter_answers_every_candidate_unmatched_ones_with_zero(
+    kind: DataPlaneKind,
+) -> None:
     async def test(stub: KVCacheServiceAsyncStub) -> None:
         # A bare pod id stands for every rank that holds something.
         response = await stub.Locality(query(token_ids=TOKENS, pods=[C, B]))
@@ -185,19 +203,19 @@ def test_candidates_filter_answers_every_candidate_unmatched_ones_with_zero() ->
         ranked = await stub.Locality(query(token_ids=TOKENS, pods=[f"{B}@dp0"]))
         assert pods_of(ranked) == [(B, 0, 0, 0, 0)]
 
-    run_kvcache(test)
+    run_kvcache(test, kind)
 
 
-def test_score_is_keyed_by_pod_label() -> None:
+def test_score_is_keyed_by_pod_label(kind: DataPlaneKind) -> None:
     async def test(stub: KVCacheServiceAsyncStub) -> None:
         response = await stub.Score(query(token_ids=TOKENS))
         assert response.model == MODEL
         assert dict(response.scores) == pytest.approx({A: 0.9, f"{B}@dp1": 0.5})
 
-    run_kvcache(test)
+    run_kvcache(test, kind)
 
 
-def test_get_candidates_ranks_best_first() -> None:
+def test_get_candidates_ranks_best_first(kind: DataPlaneKind) -> None:
     async def test(stub: KVCacheServiceAsyncStub) -> None:
         every = await stub.GetCandidates(query(token_ids=TOKENS))
         assert (every.model, every.total_blocks) == (MODEL, 4)
@@ -207,10 +225,10 @@ def test_get_candidates_ranks_best_first() -> None:
         assert [(c.pod, c.match_length) for c in some.candidates] == [(A, 4), (C, 0)]
         assert some.candidates[1].score == 0.0
 
-    run_kvcache(test)
+    run_kvcache(test, kind)
 
 
-def test_unknown_model_answers_no_pods() -> None:
+def test_unknown_model_answers_no_pods(kind: DataPlaneKind) -> None:
     async def test(stub: KVCacheServiceAsyncStub) -> None:
         response = await stub.Locality(
             kvcache_pb2.LocalityRequest(model="never-seen", token_ids=TOKENS)
@@ -219,16 +237,39 @@ def test_unknown_model_answers_no_pods() -> None:
         assert not response.HasField("block_size")
         assert (response.total_blocks, len(response.pods)) == (0, 0)
 
-    run_kvcache(test)
+    run_kvcache(test, kind)
 
 
-def test_list_pods_and_models_mirror_the_status_source() -> None:
+def test_list_pods_and_models_answer_what_the_plane_tracks(kind: DataPlaneKind) -> None:
+    async def main() -> None:
+        async with fed(kind) as setup, serving(setup.queries) as (_, channel):
+            stub = kvcache_pb2_grpc.KVCacheServiceStub(channel)
+            pods = (await stub.ListPods(kvcache_pb2.ListPodsRequest())).pods
+            models = (await stub.ListModels(kvcache_pb2.ListModelsRequest())).models
+        assert [(p.pod_id, p.dp_rank, p.model, p.blocks, p.state) for p in pods] == [
+            (A, 0, MODEL, 4, "live"),
+            (B, 1, MODEL, 2, "live"),
+        ]
+        assert [(p.batches, p.last_seq, p.gaps, p.lost_batches, p.replays) for p in pods] == [
+            (2, 1, 0, 0, 0),
+            (1, 0, 0, 0, 0),
+        ]
+        assert all(p.HasField("last_event_time") for p in pods)
+        ((name, key_mode, block_size, blocks, pod_count),) = [
+            (m.name, m.key_mode, m.block_size, m.blocks, m.pods) for m in models
+        ]
+        assert (name, key_mode, block_size, blocks, pod_count) == (MODEL, "tokens", 16, 6, 2)
+
+    asyncio.run(main())
+
+
+def test_list_pods_and_models_leave_unknowns_unset() -> None:
     pod = PodStatus(A, 1, None, 7, "replaying", None, None, 3, 1, 2, 1, 0)
     model = ModelStatus(MODEL, "tokens", False, None, 7, 1, 0, 0)
 
     async def main() -> None:
-        queries = await fed_queries(status=Status(pod_list=[pod], model_list=[model]))
-        async with serving(queries) as (_, channel):
+        status = Status(pod_list=[pod], model_list=[model])
+        async with fed(status=status) as setup, serving(setup.queries) as (_, channel):
             stub = kvcache_pb2_grpc.KVCacheServiceStub(channel)
             (listed,) = (await stub.ListPods(kvcache_pb2.ListPodsRequest())).pods
             (model_listed,) = (await stub.ListModels(kvcache_pb2.ListModelsRequest())).models
@@ -330,8 +371,8 @@ def test_text_prompts_are_failed_precondition_naming_the_tokenizer() -> None:
     run_kvcache(test)
 
 
-class FailingIndex(MemoryIndex):
-    """A MemoryIndex whose lookups fail, as a broken backend's would."""
+class FailingIndex(ReferenceIndex):
+    """A reference index whose lookups fail, as a broken backend's would (Python plane)."""
 
     def __init__(self, error: Exception) -> None:
         super().__init__()
@@ -346,7 +387,7 @@ class FailingIndex(MemoryIndex):
 def test_unexpected_errors_are_internal_without_their_text() -> None:
     async def main() -> None:
         index = FailingIndex(RuntimeError("redis://admin:hunter2@10.0.0.1 refused"))
-        async with serving(await fed_queries(index)) as (_, channel):
+        async with fed("python", index=index) as setup, serving(setup.queries) as (_, channel):
             stub = kvcache_pb2_grpc.KVCacheServiceStub(channel)
             code, details = await failure(stub.Score(query(token_ids=TOKENS)))
         assert code == grpc.StatusCode.INTERNAL
@@ -358,7 +399,7 @@ def test_unexpected_errors_are_internal_without_their_text() -> None:
 def test_backend_unavailable_is_unavailable() -> None:
     async def main() -> None:
         index = FailingIndex(Unavailable("index backend unreachable"))
-        async with serving(await fed_queries(index)) as (_, channel):
+        async with fed("python", index=index) as setup, serving(setup.queries) as (_, channel):
             stub = kvcache_pb2_grpc.KVCacheServiceStub(channel)
             code, details = await failure(stub.Locality(query(token_ids=TOKENS)))
         assert (code, details) == (grpc.StatusCode.UNAVAILABLE, "index backend unreachable")
@@ -369,11 +410,9 @@ def test_backend_unavailable_is_unavailable() -> None:
 # -- llm-d's IndexerService -----------------------------------------------------------------
 
 
-def run_indexer(
-    test: Callable[[IndexerServiceAsyncStub], Awaitable[None]], queries: QueryService | None = None
-) -> None:
+def run_indexer(test: Callable[[IndexerServiceAsyncStub], Awaitable[None]]) -> None:
     async def main() -> None:
-        async with serving(queries or await fed_queries()) as (_, channel):
+        async with fed() as setup, serving(setup.queries) as (_, channel):
             await test(indexer_pb2_grpc.IndexerServiceStub(channel))
 
     asyncio.run(main())
@@ -401,7 +440,9 @@ class SpaceTokenizer(QueryService):
         return await super().locality(query, api=api)
 
 
-def test_get_pod_scores_splits_the_rank_from_the_pod_id_as_llm_d_does() -> None:
+def test_get_pod_scores_splits_the_rank_from_the_pod_id_as_llm_d_does(
+    kind: DataPlaneKind,
+) -> None:
     async def test(stub: IndexerServiceAsyncStub) -> None:
         prompt = " ".join(map(str, TOKENS))
         every = await stub.GetPodScores(
@@ -416,9 +457,10 @@ def test_get_pod_scores_splits_the_rank_from_the_pod_id_as_llm_d_does() -> None:
         assert [(s.pod, s.score) for s in some.scores] == [(C, 0.0)]
 
     async def main() -> None:
-        fed = await fed_queries()
-        queries = SpaceTokenizer(fed._index, fed._models, weights=TierWeights(), max_tokens=99)
-        async with serving(queries) as (_, channel):
+        async with (
+            fed(kind, service=SpaceTokenizer, max_tokens=99) as setup,
+            serving(setup.queries) as (_, channel),
+        ):
             await test(indexer_pb2_grpc.IndexerServiceStub(channel))
 
     asyncio.run(main())
@@ -442,18 +484,27 @@ def health_check(
     )
 
 
-def test_health_follows_readiness() -> None:
+def test_health_follows_readiness(kind: DataPlaneKind) -> None:
     async def main() -> None:
-        status = Status(ready=False)
-        async with serving(await fed_queries(status=status)) as (api, channel):
+        async with fed(kind) as setup, serving(setup.queries) as (api, channel):
+            status = setup.status
             check = health_check(channel)
             requests = [health_pb2.HealthCheckRequest(service=s) for s in ("", *SERVICES)]
-            statuses = [(await check(r)).status for r in requests]
-            assert statuses == [health_pb2.HealthCheckResponse.NOT_SERVING] * 3
-            status.ready = True
-            assert await api.refresh_health()
-            statuses = [(await check(r)).status for r in requests]
-            assert statuses == [health_pb2.HealthCheckResponse.SERVING] * 3
+
+            async def statuses() -> list[int]:
+                assert await api.refresh_health() == (status.started and not status.stopping)
+                return [(await check(r)).status for r in requests]
+
+            serving_, not_serving = (
+                health_pb2.HealthCheckResponse.SERVING,
+                health_pb2.HealthCheckResponse.NOT_SERVING,
+            )
+            status.started = False  # starting up
+            assert await statuses() == [not_serving] * 3
+            status.started = True
+            assert await statuses() == [serving_] * 3
+            status.stopping = True  # shutting down
+            assert await statuses() == [not_serving] * 3
             unknown = check(health_pb2.HealthCheckRequest(service="nope.v1.Nope"))
             assert (await failure(unknown))[0] == grpc.StatusCode.NOT_FOUND
 
@@ -462,7 +513,7 @@ def test_health_follows_readiness() -> None:
 
 def test_reflection_lists_and_describes_the_services() -> None:
     async def main() -> None:
-        async with serving(await fed_queries()) as (_, channel):
+        async with fed() as setup, serving(setup.queries) as (_, channel):
             reflect = channel.stream_stream(
                 "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
                 request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
@@ -486,7 +537,10 @@ def test_reflection_lists_and_describes_the_services() -> None:
 
 def test_start_grpc_server_binds_a_free_port_and_a_taken_one_fails() -> None:
     async def main() -> None:
-        queries = await fed_queries()
+        async with fed() as setup:
+            await serve_and_take_the_port(setup.queries)
+
+    async def serve_and_take_the_port(queries: QueryService) -> None:
         server, port = await start_grpc_server(queries, "127.0.0.1", 0)
         try:
             assert port > 0
@@ -503,20 +557,27 @@ def test_start_grpc_server_binds_a_free_port_and_a_taken_one_fails() -> None:
     asyncio.run(main())
 
 
-def test_api_built_outside_the_event_loop_serves_inside_it() -> None:
-    # The composition root builds its parts before asyncio.run; grpc.aio binds to a loop.
-    queries = QueryService(
-        MemoryIndex(), ModelRegistry(max_engine_hashes=10), weights=TierWeights(), max_tokens=10
-    )
-    api = GrpcApi(queries)
+def test_api_built_outside_the_event_loop_serves_inside_it(kind: DataPlaneKind) -> None:
+    # The composition root builds its parts (the data plane too) before asyncio.run;
+    # grpc.aio binds to a loop.
+    plane = make_plane(kind)
+    api = GrpcApi(QueryService(plane, max_tokens=MAX_TOKENS))
 
     async def main() -> None:
-        port = await api.start("127.0.0.1", 0)
         try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = kvcache_pb2_grpc.KVCacheServiceStub(channel)
-                assert (await stub.Locality(query(token_ids=TOKENS[:10]))).pods == []
+            feeder = Feeder(plane, MODEL)
+            await feeder.send(A, stored(HASHES[:1], TOKENS[:16]))
+            port = await api.start("127.0.0.1", 0)
+            try:
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                    stub = kvcache_pb2_grpc.KVCacheServiceStub(channel)
+                    response = await stub.Locality(query(token_ids=TOKENS[:10]))
+                    assert (response.total_blocks, len(response.pods)) == (0, 0)
+                    response = await stub.Locality(query(token_ids=TOKENS[:16]))
+                    assert pods_of(response) == [(A, 0, 1, 16, 1)]
+            finally:
+                await api.stop(None)
         finally:
-            await api.stop(None)
+            await plane.stop()
 
     asyncio.run(main())

@@ -1,8 +1,9 @@
 """Text prompts and chats over REST and gRPC score the same pods as their token ids.
 
-The index is fed vLLM events carrying the token ids of the prompt and of the rendered chat,
-computed here with the plain ``tokenizers`` tokenizer (not the service's code path), as an
-engine would have; queries then give the text and must get the answer the ids get.
+A data plane (each test runs against both) is fed vLLM events carrying the token ids of the
+prompt and of the rendered chat, computed here with the plain ``tokenizers`` tokenizer (not
+the service's code path), as an engine would have; queries then give the text and must get
+the answer the ids get.
 """
 
 from __future__ import annotations
@@ -26,14 +27,11 @@ from service.api.generated.kvcache.v1 import kvcache_pb2, kvcache_pb2_grpc
 from service.api.grpc_server import GrpcApi
 from service.api.query import LocalityQuery, QueryService
 from service.api.rest import create_rest_app
+from service.dataplane.protocol import DataPlaneKind
 from service.errors import QueryTooLarge
-from service.events.vllm import decode_batch
-from service.index.memory import MemoryIndex
-from service.index.protocol import PodRank
-from service.models import ModelRegistry
 from service.prompts import PromptEncoders
-from service.scoring import TierWeights
-from tests.support.vllm_wire import encode_batch, stored
+from tests.support.planes import Feeder, make_plane
+from tests.support.vllm_wire import stored
 from tests.unit.prompts.build import BOS, CORPUS, write_model
 
 MODEL = "m"
@@ -64,32 +62,32 @@ def full_blocks(ids: list[int]) -> list[int]:
     return ids[: len(ids) - len(ids) % BLOCK]
 
 
-async def feed(
-    index: MemoryIndex, models: ModelRegistry, pod: str, tokens: list[int], first: int
-) -> None:
+async def feed(feeder: Feeder, pod: str, tokens: list[int], first: int) -> None:
     hashes = [first + i for i in range(len(tokens) // BLOCK)]
-    batch = decode_batch(encode_batch([stored(hashes, tokens)]))
-    translation = models.get_or_add(MODEL).translator.translate(batch.events)
-    await index.apply(MODEL, PodRank(pod), translation.ops)
+    await feeder.send(pod, stored(hashes, tokens))
 
 
-async def build(directory: Path, *, max_tokens: int = 4096) -> Setup:
+@asynccontextmanager
+async def build(
+    directory: Path, kind: DataPlaneKind, *, max_tokens: int = 4096
+) -> AsyncIterator[Setup]:
     reference = Tokenizer.from_file(str(directory / "tokenizer.json"))
     prompt_ids = reference.encode(PROMPT).ids  # /v1/completions: BOS added
     chat_ids = reference.encode(RENDERED, add_special_tokens=False).ids  # the template has it
-    index = MemoryIndex()
-    models = ModelRegistry(max_engine_hashes=10_000)
-    await feed(index, models, A, full_blocks(prompt_ids), 1_000)
-    await feed(index, models, B, full_blocks(prompt_ids)[: 2 * BLOCK], 1_000)
-    await feed(index, models, C, full_blocks(chat_ids), 2_000)
-    environ = {"HF_HUB_CACHE": str(directory.parent / "hub")}
-    prompts = PromptEncoders(
-        [_Spec(MODEL, str(directory))], environ=environ, default_store_bytes=1 << 20
-    )
-    queries = QueryService(
-        index, models, weights=TierWeights(), max_tokens=max_tokens, prompts=prompts
-    )
-    return Setup(queries, prompt_ids, chat_ids)
+    plane = make_plane(kind)
+    try:
+        feeder = Feeder(plane, MODEL)
+        await feed(feeder, A, full_blocks(prompt_ids), 1_000)
+        await feed(feeder, B, full_blocks(prompt_ids)[: 2 * BLOCK], 1_000)
+        await feed(feeder, C, full_blocks(chat_ids), 2_000)
+        environ = {"HF_HUB_CACHE": str(directory.parent / "hub")}
+        prompts = PromptEncoders(
+            [_Spec(MODEL, str(directory))], environ=environ, default_store_bytes=1 << 20
+        )
+        queries = QueryService(plane, max_tokens=max_tokens, prompts=prompts)
+        yield Setup(queries, prompt_ids, chat_ids)
+    finally:
+        await plane.stop()
 
 
 @dataclass(frozen=True)
@@ -108,15 +106,19 @@ def model_dir(tmp_path: Path) -> Path:
 # -- REST ---------------------------------------------------------------------------------
 
 
-def rest(directory: Path, scenario: Callable[[httpx.AsyncClient, Setup], Awaitable[None]]) -> None:
+def rest(
+    directory: Path,
+    kind: DataPlaneKind,
+    scenario: Callable[[httpx.AsyncClient, Setup], Awaitable[None]],
+) -> None:
     async def main() -> None:
-        setup = await build(directory)
-        app = create_rest_app(
-            setup.queries, prometheus_client.CollectorRegistry(), max_body_bytes=1 << 20
-        )
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://kv-cache") as http:
-            await scenario(http, setup)
+        async with build(directory, kind) as setup:
+            app = create_rest_app(
+                setup.queries, prometheus_client.CollectorRegistry(), max_body_bytes=1 << 20
+            )
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://kv-cache") as http:
+                await scenario(http, setup)
 
     asyncio.run(main())
 
@@ -126,7 +128,7 @@ async def post(http: httpx.AsyncClient, path: str, body: dict[str, Any]) -> tupl
     return response.status_code, response.json()
 
 
-def test_rest_text_and_chat_answer_as_their_token_ids(model_dir: Path) -> None:
+def test_rest_text_and_chat_answer_as_their_token_ids(model_dir: Path, kind: DataPlaneKind) -> None:
     async def scenario(http: httpx.AsyncClient, setup: Setup) -> None:
         for path in ("/v1/locality", "/v1/score"):
             by_ids = await post(http, path, {"token_ids": setup.prompt_ids})
@@ -139,17 +141,19 @@ def test_rest_text_and_chat_answer_as_their_token_ids(model_dir: Path) -> None:
         _, chat = await post(http, "/v1/locality", {"messages": MESSAGES})
         assert [(p["pod_id"], p["score"]) for p in chat["pods"]] == [(C, 1.0)]
 
-    rest(model_dir, scenario)
+    rest(model_dir, kind, scenario)
 
 
-def test_rest_lora_name_and_cache_salt_still_apply_to_text(model_dir: Path) -> None:
+def test_rest_lora_name_and_cache_salt_still_apply_to_text(
+    model_dir: Path, kind: DataPlaneKind
+) -> None:
     async def scenario(http: httpx.AsyncClient, setup: Setup) -> None:
         for extra in ({"lora_name": "adapter"}, {"cache_salt": "tenant"}):
             by_ids = await post(http, "/v1/locality", {"token_ids": setup.prompt_ids, **extra})
             assert await post(http, "/v1/locality", {"prompt": PROMPT, **extra}) == by_ids
             assert by_ids[1]["pods"] == []  # the engines stored these blocks without either
 
-    rest(model_dir, scenario)
+    rest(model_dir, kind, scenario)
 
 
 def test_rest_bad_text_queries_say_what_is_wrong(model_dir: Path) -> None:
@@ -171,14 +175,14 @@ def test_rest_bad_text_queries_say_what_is_wrong(model_dir: Path) -> None:
         # The index and the service carry on.
         assert (await post(http, "/v1/locality", {"prompt": PROMPT}))[0] == 200
 
-    rest(model_dir, scenario)
+    rest(model_dir, "native", scenario)
 
 
 def test_a_prompt_over_max_tokens_is_too_large(model_dir: Path) -> None:
     async def main() -> None:
-        setup = await build(model_dir, max_tokens=32)
-        with pytest.raises(QueryTooLarge, match=r"tokens in the prompt exceed api\.max_tokens"):
-            await setup.queries.locality(LocalityQuery(model=MODEL, prompt=PROMPT))
+        async with build(model_dir, "native", max_tokens=32) as setup:
+            with pytest.raises(QueryTooLarge, match=r"tokens in the prompt exceed api\.max_tokens"):
+                await setup.queries.locality(LocalityQuery(model=MODEL, prompt=PROMPT))
 
     asyncio.run(main())
 
@@ -187,15 +191,17 @@ def test_a_prompt_over_max_tokens_is_too_large(model_dir: Path) -> None:
 
 
 @asynccontextmanager
-async def channel(directory: Path) -> AsyncIterator[tuple[grpc.aio.Channel, Setup]]:
-    setup = await build(directory)
-    api = GrpcApi(setup.queries)
-    port = await api.start("127.0.0.1", 0)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as opened:
-            yield opened, setup
-    finally:
-        await api.stop(None)
+async def channel(
+    directory: Path, kind: DataPlaneKind
+) -> AsyncIterator[tuple[grpc.aio.Channel, Setup]]:
+    async with build(directory, kind) as setup:
+        api = GrpcApi(setup.queries)
+        port = await api.start("127.0.0.1", 0)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as opened:
+                yield opened, setup
+        finally:
+            await api.stop(None)
 
 
 def grpc_messages() -> list[kvcache_pb2.ChatMessage]:
@@ -209,9 +215,9 @@ def grpc_messages() -> list[kvcache_pb2.ChatMessage]:
     ]
 
 
-def test_grpc_text_and_chat_answer_as_their_token_ids(model_dir: Path) -> None:
+def test_grpc_text_and_chat_answer_as_their_token_ids(model_dir: Path, kind: DataPlaneKind) -> None:
     async def main() -> None:
-        async with channel(model_dir) as (opened, setup):
+        async with channel(model_dir, kind) as (opened, setup):
             stub = kvcache_pb2_grpc.KVCacheServiceStub(opened)
 
             def request(**fields: Any) -> kvcache_pb2.LocalityRequest:
@@ -227,9 +233,11 @@ def test_grpc_text_and_chat_answer_as_their_token_ids(model_dir: Path) -> None:
     asyncio.run(main())
 
 
-def test_grpc_indexer_get_pod_scores_answers_for_prompt_text(model_dir: Path) -> None:
+def test_grpc_indexer_get_pod_scores_answers_for_prompt_text(
+    model_dir: Path, kind: DataPlaneKind
+) -> None:
     async def main() -> None:
-        async with channel(model_dir) as (opened, setup):
+        async with channel(model_dir, kind) as (opened, setup):
             stub = indexer_pb2_grpc.IndexerServiceStub(opened)
             scores = await stub.GetPodScores(
                 indexer_pb2.GetPodScoresRequest(prompt=PROMPT, model_name=MODEL)
@@ -246,7 +254,7 @@ def test_grpc_indexer_get_pod_scores_answers_for_prompt_text(model_dir: Path) ->
 
 def test_grpc_bad_text_queries_get_status_codes_with_the_reason(model_dir: Path) -> None:
     async def main() -> None:
-        async with channel(model_dir) as (opened, _):
+        async with channel(model_dir, "native") as (opened, _):
             stub = kvcache_pb2_grpc.KVCacheServiceStub(opened)
             cases = [
                 (
@@ -284,7 +292,9 @@ TOOL: dict[str, Any] = {
 }
 
 
-def test_tools_reach_the_chat_template_over_rest_and_grpc(model_dir: Path) -> None:
+def test_tools_reach_the_chat_template_over_rest_and_grpc(
+    model_dir: Path, kind: DataPlaneKind
+) -> None:
     # The template renders tools first, so the chat with tools is another prompt: pod C,
     # which holds the chat rendered without tools, no longer holds its whole prefix.
     async def scenario(http: httpx.AsyncClient, setup: Setup) -> None:
@@ -293,10 +303,10 @@ def test_tools_reach_the_chat_template_over_rest_and_grpc(model_dir: Path) -> No
         assert plain["scores"] == {C: 1.0}
         assert with_tools["scores"].get(C, 0.0) < 1.0
 
-    rest(model_dir, scenario)
+    rest(model_dir, kind, scenario)
 
     async def main() -> None:
-        async with channel(model_dir) as (opened, _):
+        async with channel(model_dir, kind) as (opened, _):
             stub = kvcache_pb2_grpc.KVCacheServiceStub(opened)
             tool = Struct()
             tool.update(TOOL)

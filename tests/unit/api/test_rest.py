@@ -1,7 +1,9 @@
-"""The REST API over a real uvicorn server, a real QueryService and a real MemoryIndex.
+"""The REST API over a real uvicorn server, a real QueryService and a real data plane.
 
-The index is fed the way the daemon feeds it: vLLM wire bytes -> decode_batch -> the
-model's translator -> MemoryIndex.apply. Each test serves on 127.0.0.1, port 0.
+The plane is fed the way the daemon feeds it, with vLLM wire bytes (tests/support/planes.py).
+Tests that check answers (``served``) run against both data planes, native and the Python
+reference; tests of the edge alone (``edge``: validation, limits, routes) against the native
+one. Each server listens on 127.0.0.1, port 0.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import dataclasses
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import prometheus_client
@@ -28,14 +30,14 @@ from service.api.rest_models import (
     PodsResponse,
     ScoreResponse,
 )
+from service.dataplane.protocol import DataPlaneKind
 from service.errors import Unavailable
-from service.events.vllm import decode_batch
-from service.index.memory import MemoryIndex
 from service.index.protocol import BlockIndex, PodMatch, PodRank
-from service.models import ModelRegistry
-from service.scoring import TierWeights
-from service.status import ModelStatus, PodStatus, Readiness
-from tests.support.vllm_wire import WireEvent, encode_batch, removed, stored
+from service.index.reference import ReferenceIndex
+from service.readiness import PYTHON_PLANE_WARNING, ServiceStatus
+from service.status import ModelStatus, PodStatus, Readiness, StatusSource
+from tests.support.planes import PLANES, Feeder, make_plane
+from tests.support.vllm_wire import removed, stored
 
 MODEL = "m"
 POD_A = "10.0.0.7:8000"  # 20 blocks: 16 on GPU, then 4 offloaded to CPU
@@ -71,8 +73,8 @@ class StandInStatus:
         return self.readiness_answer
 
 
-class DownIndex(MemoryIndex):
-    """An index whose backend is unreachable."""
+class DownIndex(ReferenceIndex):
+    """An index whose backend is unreachable (under the Python plane)."""
 
     async def lookup(
         self, model: str, keys: Sequence[int], pods: Collection[PodRank] | None = None
@@ -88,20 +90,12 @@ class QuietServer(uvicorn.Server):
         yield
 
 
-async def feed(index: BlockIndex, models: ModelRegistry, pod: PodRank, *events: WireEvent) -> None:
-    payload = encode_batch(list(events), dp_rank=pod.dp_rank, version="0.33")
-    batch = decode_batch(payload)
-    assert batch.data_parallel_rank == pod.dp_rank
-    translation = models.get_or_add(MODEL).translator.translate(batch.events)
-    await index.apply(MODEL, pod, translation.ops)
-
-
-async def populated(index: BlockIndex, models: ModelRegistry) -> None:
-    await feed(index, models, PodRank(POD_A), stored(HASHES[:20], TOKENS[:320]))
-    await feed(index, models, PodRank(POD_A), stored(HASHES[16:20], medium="CPU", block_size=0))
-    await feed(index, models, PodRank(POD_A), removed(HASHES[16:20]))
-    await feed(index, models, PodRank(POD_B, 1), stored(HASHES[:8], TOKENS[:128]))
-    await feed(index, models, PodRank(POD_C), stored(HASHES[:8], TOKENS[:128]))
+async def populated(feeder: Feeder) -> None:
+    await feeder.send(POD_A, stored(HASHES[:20], TOKENS[:320]))
+    await feeder.send(POD_A, stored(HASHES[16:20], medium="CPU", block_size=0))
+    await feeder.send(POD_A, removed(HASHES[16:20]))
+    await feeder.send(POD_B, stored(HASHES[:8], TOKENS[:128]), rank=1)
+    await feeder.send(POD_C, stored(HASHES[:8], TOKENS[:128]))
 
 
 @dataclasses.dataclass
@@ -109,43 +103,48 @@ class Served:
     """A running server and what it was built with."""
 
     url: str
-    status: StandInStatus
+    kind: DataPlaneKind
+    status: StatusSource
     registry: prometheus_client.CollectorRegistry
     observed: list[str]  # the ``api`` of every query, as QueryService reports it
 
 
 @contextlib.contextmanager
 def running(
-    status: StandInStatus | None = None, index: BlockIndex | None = None
+    kind: DataPlaneKind = "native",
+    status: StatusSource | None = None,
+    index: BlockIndex | None = None,
 ) -> Iterator[Served]:
-    """Serve a populated index on 127.0.0.1:0 from a thread with its own event loop."""
-    status = status if status is not None else StandInStatus()
+    """Serve a populated plane on 127.0.0.1:0 from a thread with its own event loop.
+
+    ``status`` replaces the plane's own (a ``ServiceStatus``, started)."""
     registry = prometheus_client.CollectorRegistry()
     observed: list[str] = []
     servers: list[uvicorn.Server] = []
     failures: list[BaseException] = []
+    statuses: list[StatusSource] = []
 
     def observe(api: str, seconds: float, answer: LocalityAnswer | None) -> None:
         observed.append(api)
 
     async def main() -> None:
-        models = ModelRegistry(max_engine_hashes=10_000)
-        used_index = index if index is not None else MemoryIndex()
-        await populated(used_index, models)
-        queries = QueryService(
-            used_index,
-            models,
-            weights=TierWeights(),
-            max_tokens=MAX_TOKENS,
-            observe=observe,
-            status=status,
-        )
-        app = create_rest_app(queries, registry, max_body_bytes=MAX_BODY)
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=0, log_config=None, access_log=False, lifespan="off"
-        )
-        servers.append(QuietServer(config))
-        await servers[0].serve()
+        plane = make_plane(kind, index=index)
+        try:
+            await populated(Feeder(plane, MODEL))
+            own = ServiceStatus(plane)
+            own.started = True
+            statuses.append(status or own)
+            queries = QueryService(
+                plane, max_tokens=MAX_TOKENS, observe=observe, status=statuses[0]
+            )
+            app = create_rest_app(queries, registry, max_body_bytes=MAX_BODY)
+            config = uvicorn.Config(
+                app, host="127.0.0.1", port=0, log_config=None, access_log=False, lifespan="off"
+            )
+            servers.append(QuietServer(config))
+            await servers[0].serve()
+        finally:
+            await plane.stop()
 
     def thread_main() -> None:
         try:
@@ -163,7 +162,7 @@ def running(
         assert not failures, failures
         assert servers and servers[0].started, "uvicorn did not start"
         port = servers[0].servers[0].sockets[0].getsockname()[1]
-        yield Served(f"http://127.0.0.1:{port}", status, registry, observed)
+        yield Served(f"http://127.0.0.1:{port}", kind, statuses[0], registry, observed)
     finally:
         if servers:
             servers[0].should_exit = True
@@ -172,9 +171,17 @@ def running(
         assert not failures, failures
 
 
+@pytest.fixture(scope="module", params=PLANES)
+def served(request: pytest.FixtureRequest) -> Iterator[Served]:
+    """A server per data plane, for the tests that check answers and leave its setup alone."""
+    with running(cast(DataPlaneKind, request.param)) as served:
+        yield served
+
+
 @pytest.fixture(scope="module")
-def served() -> Iterator[Served]:
-    """One server for the tests that leave its setup alone."""
+def edge() -> Iterator[Served]:
+    """One server (native plane) for the tests of the HTTP edge alone: what they check is
+    decided before any data plane is asked."""
     with running() as served:
         yield served
 
@@ -319,8 +326,8 @@ BAD_BODIES: list[tuple[Any, int, str]] = [
     ({"model": 7, "token_ids": [1]}, 422, "model: Input should be a valid string"),
     ({"model": MODEL}, 400, "exactly one of token_ids, block_hashes, prompt or messages"),
     ({"model": MODEL, "token_ids": [1], "prompt": "x"}, 400, "(got token_ids, prompt)"),
-    ({"model": MODEL, "token_ids": [1, -1]}, 400, "token id -1 at position 1"),
-    ({"model": MODEL, "token_ids": [1, 2**32]}, 400, "token id 4294967296 at position 1"),
+    ({"model": MODEL, "token_ids": [1, -1]}, 400, "token_ids[1] = -1 is not an int in [0, 2**32)"),
+    ({"model": MODEL, "token_ids": [1, 2**32]}, 400, "token_ids[1] = 4294967296 is not an int"),
     ({"model": "other", "token_ids": [1, -1]}, 400, "token_ids[1] = -1"),
     ({"model": MODEL, "token_ids": [1, "a"]}, 422, "token_ids[1]: Input should be a valid integer"),
     ({"model": MODEL, "token_ids": [1, 1.5]}, 422, "token_ids[1]: Input should be a valid integer"),
@@ -336,17 +343,17 @@ BAD_BODIES: list[tuple[Any, int, str]] = [
 
 @pytest.mark.parametrize(("body", "status", "detail"), BAD_BODIES)
 def test_bad_bodies_get_4xx_naming_the_problem(
-    served: Served, body: Any, status: int, detail: str
+    edge: Served, body: Any, status: int, detail: str
 ) -> None:
-    response, answer = exchange(served, "POST", "/v1/locality", json=body)
+    response, answer = exchange(edge, "POST", "/v1/locality", json=body)
     assert response.status_code == status
     assert detail in answer["detail"]
     ErrorResponse.model_validate(answer)
 
 
-def test_validation_errors_list_each_bad_item_without_echoing_input(served: Served) -> None:
+def test_validation_errors_list_each_bad_item_without_echoing_input(edge: Served) -> None:
     body = {"model": MODEL, "token_ids": ["secret-a", "secret-b", 3, "secret-c", "secret-d"]}
-    response, answer = exchange(served, "POST", "/v1/locality", json=body)
+    response, answer = exchange(edge, "POST", "/v1/locality", json=body)
     assert response.status_code == 422
     assert answer["detail"].endswith("(and 1 more)")
     assert [e["loc"] for e in answer["errors"]] == [["body", "token_ids", i] for i in (0, 1, 3, 4)]
@@ -361,9 +368,9 @@ def test_validation_errors_list_each_bad_item_without_echoing_input(served: Serv
         (b"\xff\xfe", "request body is not valid JSON"),
     ],
 )
-def test_malformed_json_gets_400(served: Served, content: bytes, detail: str) -> None:
+def test_malformed_json_gets_400(edge: Served, content: bytes, detail: str) -> None:
     response, answer = exchange(
-        served, "POST", "/v1/score", content=content, headers={"content-type": "application/json"}
+        edge, "POST", "/v1/score", content=content, headers={"content-type": "application/json"}
     )
     assert response.status_code == 400
     assert detail in answer["detail"]
@@ -383,29 +390,29 @@ def test_malformed_json_gets_400(served: Served, content: bytes, detail: str) ->
         (f"model={MODEL}&prefix=1&lora_name=x", 400, "unknown query parameter(s) lora_name"),
     ],
 )
-def test_bad_prefix_queries_get_4xx(served: Served, query: str, status: int, detail: str) -> None:
-    response, answer = exchange(served, "GET", f"/v1/locality?{query}")
+def test_bad_prefix_queries_get_4xx(edge: Served, query: str, status: int, detail: str) -> None:
+    response, answer = exchange(edge, "GET", f"/v1/locality?{query}")
     assert response.status_code == status
     assert detail in answer["detail"]
     assert len(answer["detail"]) < 200
 
 
 @pytest.mark.parametrize("field", ["prompt", "messages"])
-def test_text_prompts_without_a_tokenizer_get_422(served: Served, field: str) -> None:
+def test_text_prompts_without_a_tokenizer_get_422(edge: Served, field: str) -> None:
     text: Any = "hello" if field == "prompt" else [{"role": "user", "content": "hello"}]
-    response, answer = exchange(served, "POST", "/v1/locality", json={"model": MODEL, field: text})
+    response, answer = exchange(edge, "POST", "/v1/locality", json={"model": MODEL, field: text})
     assert response.status_code == 422
     assert "tokenizer" in answer["detail"]
 
 
-def test_too_many_tokens_get_413(served: Served) -> None:
+def test_too_many_tokens_get_413(edge: Served) -> None:
     body = {"model": MODEL, "token_ids": [1] * (MAX_TOKENS + 1)}
-    response, answer = exchange(served, "POST", "/v1/locality", json=body)
+    response, answer = exchange(edge, "POST", "/v1/locality", json=body)
     assert response.status_code == 413
     assert "api.max_tokens" in answer["detail"]
 
 
-def test_oversized_bodies_get_413_whether_declared_or_streamed(served: Served) -> None:
+def test_oversized_bodies_get_413_whether_declared_or_streamed(edge: Served) -> None:
     oversized = b'{"model": "m", "token_ids": [' + b"1," * MAX_BODY + b"1]}"
     got: list[httpx.Response] = []
 
@@ -418,7 +425,7 @@ def test_oversized_bodies_get_413_whether_declared_or_streamed(served: Served) -
         got.append(await http.post("/v1/locality", content=chunks()))
         got.append(await http.get("/healthz"))  # the server still answers
 
-    talk(served.url, client)
+    talk(edge.url, client)
     declared, streamed, health = got
     assert "content-length" in declared.request.headers
     assert streamed.request.headers["transfer-encoding"] == "chunked"
@@ -429,7 +436,7 @@ def test_oversized_bodies_get_413_whether_declared_or_streamed(served: Served) -
 
 
 def test_unavailable_index_gets_503() -> None:
-    with running(index=DownIndex()) as down:
+    with running("python", index=DownIndex()) as down:
         body = {"model": MODEL, "token_ids": TOKENS}
         response, answer = exchange(down, "POST", "/v1/locality", json=body)
     assert response.status_code == 503
@@ -443,7 +450,7 @@ def test_unexpected_errors_get_a_generic_500() -> None:
         raise RuntimeError("secret internals")
 
     status.pods = broken  # type: ignore[method-assign]
-    with running(status) as failing:
+    with running(status=status) as failing:
         response, answer = exchange(failing, "GET", "/v1/pods")
     assert response.status_code == 500
     assert answer == {"detail": "internal error; see the service log"}
@@ -452,16 +459,56 @@ def test_unexpected_errors_get_a_generic_500() -> None:
 def test_pods_and_models_list_what_is_tracked(served: Served) -> None:
     _, pods = exchange(served, "GET", "/v1/pods")
     _, models = exchange(served, "GET", "/v1/models")
-    assert pods == {"pods": [dataclasses.asdict(served.status.pod)]}
-    assert pods["pods"][0]["dp_rank"] == 1
-    assert models == {"models": [dataclasses.asdict(served.status.model)]}
     assert PodsResponse.model_validate(pods) and ModelsResponse.model_validate(models)
+    listed = pods["pods"]
+    for pod in listed:
+        assert pod.pop("last_event_time") == pytest.approx(time.time(), abs=60)
+    common = {"model": MODEL, "state": "live", "gaps": 0, "lost_batches": 0, "replays": 0}
+    common |= {"restarts": 0, "dropped": 0}
+    # Sorted by pod id, then rank; POD_A's CPU copies and removed GPU copies are one block.
+    assert listed == [
+        {"pod_id": POD_C, "dp_rank": 0, "blocks": 8, "last_seq": 0, "batches": 1, **common},
+        {"pod_id": POD_A, "dp_rank": 0, "blocks": 20, "last_seq": 2, "batches": 3, **common},
+        {"pod_id": POD_B, "dp_rank": 1, "blocks": 8, "last_seq": 0, "batches": 1, **common},
+    ]
+    assert models == {
+        "models": [
+            {
+                "name": MODEL,
+                "key_mode": "tokens",
+                "configured": False,
+                "block_size": 16,
+                "blocks": 36,
+                "pods": 3,
+                "hash_matches": 0,
+                "hash_mismatches": 0,
+            }
+        ]
+    }
+
+
+def test_pods_and_models_render_the_status_source() -> None:
+    status = StandInStatus()
+    with running(status=status) as stand_in:
+        _, pods = exchange(stand_in, "GET", "/v1/pods")
+        _, models = exchange(stand_in, "GET", "/v1/models")
+    assert pods == {"pods": [dataclasses.asdict(status.pod)]}
+    assert pods["pods"][0]["dp_rank"] == 1
+    assert models == {"models": [dataclasses.asdict(status.model)]}
 
 
 def test_healthz_and_readyz_when_ready(served: Served) -> None:
     health, answer = exchange(served, "GET", "/healthz")
     assert (health.status_code, answer) == (200, {"status": "ok"})
     readiness, answer = exchange(served, "GET", "/readyz")
+    # The Python plane answers, and says it is not the one to run in production.
+    warnings = [PYTHON_PLANE_WARNING] if served.kind == "python" else []
+    assert (readiness.status_code, answer) == (200, {"status": "ready", "warnings": warnings})
+
+
+def test_readyz_lists_the_status_warnings() -> None:
+    with running(status=StandInStatus()) as stand_in:
+        readiness, answer = exchange(stand_in, "GET", "/readyz")
     assert (readiness.status_code, answer) == (
         200,
         {"status": "ready", "warnings": ["model m: hash mismatches"]},
@@ -476,7 +523,7 @@ def test_healthz_and_readyz_when_ready(served: Served) -> None:
     ],
 )
 def test_readyz_503_with_reasons(readiness: Readiness | Exception, reasons: list[str]) -> None:
-    with running(StandInStatus(readiness)) as unready:
+    with running(status=StandInStatus(readiness)) as unready:
         readyz, answer = exchange(unready, "GET", "/readyz")
         healthz, _ = exchange(unready, "GET", "/healthz")
     assert readyz.status_code == 503
@@ -484,9 +531,9 @@ def test_readyz_503_with_reasons(readiness: Readiness | Exception, reasons: list
     assert healthz.status_code == 200
 
 
-def test_metrics_exposes_the_registry(served: Served) -> None:
+def test_metrics_exposes_the_registry(edge: Served) -> None:
     counter = prometheus_client.Counter(
-        "kv_cache_test_events", "Events", ["type"], registry=served.registry
+        "kv_cache_test_events", "Events", ["type"], registry=edge.registry
     )
     counter.labels("BlockStored").inc(3)
     got: list[httpx.Response] = []
@@ -495,7 +542,7 @@ def test_metrics_exposes_the_registry(served: Served) -> None:
         got.append(await http.get("/metrics"))
         got.append(await http.get("/metrics", headers={"accept": "application/openmetrics-text"}))
 
-    talk(served.url, client)
+    talk(edge.url, client)
     text, openmetrics = got
     assert text.status_code == 200
     assert text.headers["content-type"].startswith("text/plain; version=0.0.4")
@@ -504,8 +551,8 @@ def test_metrics_exposes_the_registry(served: Served) -> None:
     assert openmetrics.text.endswith("# EOF\n")
 
 
-def test_openapi_documents_every_route(served: Served) -> None:
-    docs, _ = exchange(served, "GET", "/openapi.json")
+def test_openapi_documents_every_route(edge: Served) -> None:
+    docs, _ = exchange(edge, "GET", "/openapi.json")
     paths = docs.json()["paths"]
     assert set(paths) >= {
         "/v1/locality",
@@ -535,4 +582,4 @@ def test_openapi_documents_every_route(served: Served) -> None:
         assert page.status_code == 200
         assert "swagger-ui" in page.text
 
-    talk(served.url, client)
+    talk(edge.url, client)

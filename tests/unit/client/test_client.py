@@ -1,5 +1,6 @@
-"""Both clients against a real grpc.aio server over a real QueryService and MemoryIndex fed
-decoded vLLM events (tests/unit/api/test_grpc.py's fixtures), compared with the REST API.
+"""Both clients against a real grpc.aio server over a real QueryService and data plane fed
+vLLM wire bytes (tests/unit/api/test_grpc.py's fixtures), compared with the REST API. Tests
+that check answers run against both data planes.
 
 pytest-asyncio is not a dependency: each test runs its coroutine with ``asyncio.run``, and the
 blocking client calls from a worker thread, so the server's loop keeps serving.
@@ -38,9 +39,10 @@ from service.client import (
     ServiceUnavailable,
     Unsupported,
 )
+from service.dataplane.protocol import DataPlaneKind
 from service.errors import Unavailable
-from service.index.memory import MemoryIndex
 from service.index.protocol import PodMatch, PodRank
+from service.index.reference import ReferenceIndex
 from tests.support.vllm_wire import stored
 from tests.unit.api.test_grpc import (
     HASHES,
@@ -52,9 +54,9 @@ from tests.unit.api.test_grpc import (
     B,
     C,
     FailingIndex,
+    Fed,
     Status,
-    fed_queries,
-    feed,
+    fed,
 )
 
 PATIENT = 5.0  # seconds: tests that expect an answer must not fail on a busy machine
@@ -113,15 +115,14 @@ def free_port() -> int:
 # -- answers --------------------------------------------------------------------------------
 
 
-async def lora_and_salt_queries() -> QueryService:
-    """fed_queries, plus the first two blocks of TOKENS under a LoRA adapter on pod C and
-    under a cache salt on pod D."""
-    index = MemoryIndex()
-    queries = await fed_queries(index)
-    models = queries._models  # the registry that learnt the model's block size
-    await feed(index, models, C, stored([7, 8], TOKENS[:32], lora_name="sql-adapter", lora_id=1))
-    await feed(index, models, D, stored([9, 10], TOKENS[:32], extra_keys=[("tenant-1",), None]))
-    return queries
+@asynccontextmanager
+async def lora_and_salt(kind: DataPlaneKind) -> AsyncIterator[Fed]:
+    """``fed``, plus the first two blocks of TOKENS under a LoRA adapter on pod C and under
+    a cache salt on pod D."""
+    async with fed(kind) as setup:
+        await setup.feeder.send(C, stored([7, 8], TOKENS[:32], lora_name="sql-adapter", lora_id=1))
+        await setup.feeder.send(D, stored([9, 10], TOKENS[:32], extra_keys=[("tenant-1",), None]))
+        yield setup
 
 
 CASES: list[tuple[dict[str, Any], list[str]]] = [
@@ -135,9 +136,14 @@ CASES: list[tuple[dict[str, Any], list[str]]] = [
 
 
 @pytest.mark.parametrize(("fields", "pods"), CASES)
-def test_locality_is_the_rest_answer(fields: dict[str, Any], pods: list[str]) -> None:
+def test_locality_is_the_rest_answer(
+    kind: DataPlaneKind, fields: dict[str, Any], pods: list[str]
+) -> None:
     async def main() -> None:
-        queries = await lora_and_salt_queries()
+        async with lora_and_salt(kind) as setup:
+            await compare(setup.queries)
+
+    async def compare(queries: QueryService) -> None:
         app = create_rest_app(
             queries, prometheus_client.CollectorRegistry(), max_body_bytes=MAX_MESSAGE_BYTES
         )
@@ -160,9 +166,9 @@ def test_locality_is_the_rest_answer(fields: dict[str, Any], pods: list[str]) ->
     asyncio.run(main())
 
 
-def test_locality_fields() -> None:
+def test_locality_fields(kind: DataPlaneKind) -> None:
     async def main() -> None:
-        async with serving(await fed_queries()) as target:
+        async with fed(kind) as setup, serving(setup.queries) as target:
             first, second = await both(target, "locality", MODEL, TOKENS)
             unknown, _ = await both(target, "locality", "never-seen", TOKENS)
         assert first == second
@@ -187,9 +193,9 @@ def test_locality_fields() -> None:
     asyncio.run(main())
 
 
-def test_candidates_rank_best_first_and_agree_with_score() -> None:
+def test_candidates_rank_best_first_and_agree_with_score(kind: DataPlaneKind) -> None:
     async def main() -> None:
-        async with serving(await fed_queries()) as target:
+        async with fed(kind) as setup, serving(setup.queries) as target:
             every = await both(target, "candidates", MODEL, TOKENS)
             some = await both(target, "candidates", MODEL, TOKENS, pods=[C, A])
             (scores, _) = await both(target, "score", MODEL, TOKENS)
@@ -216,8 +222,8 @@ def test_pods_and_models_are_the_status_source() -> None:
     ]
 
     async def main() -> None:
-        queries = await fed_queries(status=Status(pod_list=pods, model_list=models))
-        async with serving(queries) as target:
+        status = Status(pod_list=pods, model_list=models)
+        async with fed(status=status) as setup, serving(setup.queries) as target:
             assert await both(target, "pods") == (pods, pods)
             assert await both(target, "models") == (models, models)
 
@@ -260,7 +266,7 @@ def test_server_errors_raise_their_kind_with_the_servers_message(
     args: tuple[Any, ...], kwargs: dict[str, Any], kind: type[KVCacheError], message: str
 ) -> None:
     async def main() -> None:
-        async with serving(await fed_queries()) as target:
+        async with fed() as setup, serving(setup.queries) as target:
             for method in ("locality", "score", "candidates"):
                 for error in await both_fail(target, method, *args, **kwargs):
                     assert type(error) is kind
@@ -273,7 +279,7 @@ def test_server_errors_raise_their_kind_with_the_servers_message(
 def test_backend_unavailable_is_service_unavailable_and_a_bug_is_the_base_error() -> None:
     async def main() -> None:
         down = FailingIndex(Unavailable("index backend unreachable"))
-        async with serving(await fed_queries(down)) as target:
+        async with fed("python", index=down) as setup, serving(setup.queries) as target:
             for error in await both_fail(target, "score", MODEL, TOKENS):
                 assert isinstance(error, ServiceUnavailable)
                 assert (error.code, error.message) == (
@@ -281,7 +287,7 @@ def test_backend_unavailable_is_service_unavailable_and_a_bug_is_the_base_error(
                     "index backend unreachable",
                 )
         broken = FailingIndex(RuntimeError("redis://admin:hunter2@10.0.0.1 refused"))
-        async with serving(await fed_queries(broken)) as target:
+        async with fed("python", index=broken) as setup, serving(setup.queries) as target:
             for error in await both_fail(target, "locality", MODEL, TOKENS):
                 assert type(error) is KVCacheError
                 assert error.code == grpc.StatusCode.INTERNAL
@@ -341,8 +347,9 @@ def test_nothing_listening_is_service_unavailable() -> None:
     asyncio.run(main())
 
 
-class SlowIndex(MemoryIndex):
-    """A MemoryIndex that takes ``delay`` seconds per lookup, as an overloaded backend."""
+class SlowIndex(ReferenceIndex):
+    """A reference index that takes ``delay`` seconds per lookup, as an overloaded backend
+    (Python plane)."""
 
     def __init__(self, delay: float) -> None:
         super().__init__()
@@ -357,7 +364,7 @@ class SlowIndex(MemoryIndex):
 
 def test_a_slow_server_is_service_unavailable_after_the_timeout() -> None:
     async def main() -> None:
-        async with serving(await fed_queries(SlowIndex(0.2))) as target:
+        async with fed("python", index=SlowIndex(0.2)) as setup, serving(setup.queries) as target:
             # The default (50 ms) gives up; a per-call timeout waits; either way round.
             with KVCacheClient(target) as sync:
                 with pytest.raises(ServiceUnavailable) as caught:
@@ -473,7 +480,7 @@ def test_sync_client_closes_the_channel_it_opened_only(monkeypatch: pytest.Monke
                 client.models()
 
     async def main() -> None:
-        async with serving(await fed_queries()) as target:
+        async with fed() as setup, serving(setup.queries) as target:
             await asyncio.to_thread(scenario, target)
 
     asyncio.run(main())
@@ -495,7 +502,7 @@ def test_async_client_built_before_the_loop_opens_and_closes_its_channel(
     monkeypatch.setattr(grpc.aio, "insecure_channel", recording)
 
     async def main() -> None:
-        async with serving(await fed_queries(), port) as target:
+        async with fed() as setup, serving(setup.queries, port) as target:
             async with client:
                 assert len(await client.score(MODEL, TOKENS)) == 2
             (own,) = opened

@@ -11,7 +11,7 @@ import itertools
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +20,21 @@ import zmq
 import zmq.asyncio
 
 from service.config import DiscoverySettings
+from service.dataplane.protocol import DataPlaneKind
 from service.discovery import PodWatcher
 from service.discovery.watch import Backoff
-from service.events.subscriber import Frame, PodEndpoint, Source, Subscriber
+from service.events.subscriber import PodEndpoint
 from tests.support.kube_api import KubeApiServer
+from tests.support.planes import make_plane
+from tests.support.vllm_wire import encode_batch, stored
 
 GRACE = 0.4
 MODEL = "qwen/qwen3"
 
 
 class Recorder:
-    """Stands in for the Subscriber and the Ingestor: records what discovery asks, in order."""
+    """Stands in for the data plane (its sockets and its forgetting): records what discovery
+    asks, in order."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []
@@ -66,12 +70,14 @@ async def watching(
     server: KubeApiServer,
     subscriber: Any = None,
     *,
+    forgetter: Any = None,
     backoff_initial: float = 0.05,
     watch_timeout: int = 30,
     reserved: Iterable[str] = (),
     **settings: Any,
 ) -> AsyncIterator[tuple[Recorder, PodWatcher]]:
-    """A running PodWatcher pointed at ``server`` (started already)."""
+    """A running PodWatcher pointed at ``server`` (started already); the recorder stands in
+    for ``subscriber`` and ``forgetter`` where they are not given."""
     recorder = Recorder()
     config = DiscoverySettings(
         enabled=True,
@@ -81,7 +87,7 @@ async def watching(
     watcher = PodWatcher(
         config,
         recorder if subscriber is None else subscriber,
-        recorder,
+        recorder if forgetter is None else forgetter,
         reserved=reserved,
         backoff_initial=backoff_initial,
         watch_timeout=watch_timeout,
@@ -385,8 +391,9 @@ def test_pod_ids_configured_in_zmq_pods_are_left_alone() -> None:
     asyncio.run(main())
 
 
-def test_data_parallel_annotation_subscribes_every_rank_over_zeromq() -> None:
-    """Real SUB sockets: frames from each rank's PUB port arrive named by the discovery."""
+def test_data_parallel_annotation_subscribes_every_rank_over_zeromq(kind: DataPlaneKind) -> None:
+    """A real data plane and PUB sockets: each rank's frames arrive named by the discovery,
+    and the pod's deletion drops what it stored."""
 
     async def main() -> None:
         port = _free_ports(2)
@@ -397,35 +404,56 @@ def test_data_parallel_annotation_subscribes_every_rank_over_zeromq() -> None:
             pub.setsockopt(zmq.LINGER, 0)
             pub.bind(f"tcp://127.0.0.1:{port + rank}")
             publishers.append(pub)
-        frames: list[Frame] = []
-        subscriber = Subscriber(
-            context, topic_filter="kv@", sink=frames.append, on_bad_frame=lambda _: None
-        )
+        plane = make_plane(kind, context=context)
+        await plane.start()
+        seqs = [0, 0]
         try:
             async with (
                 api_server() as server,
-                watching(server, subscriber, event_port=port, replay_port=None) as (recorder, _),
+                watching(server, plane, forgetter=plane, event_port=port, replay_port=None),
             ):
                 annotations = {"kv-cache/model": MODEL, "kv-cache/data-parallel-size": "2"}
                 server.put_pod("vllm-0", ip="127.0.0.1", annotations=annotations)
 
-                def ranks_heard() -> bool:
-                    for pub in publishers:  # PUB drops frames until the SUB has joined
-                        pub.send_multipart([b"kv@", (0).to_bytes(8, "big"), b"x"])
-                    return {frame.source.rank for frame in frames} == {0, 1}
+                async def ranks_heard() -> bool:
+                    for rank, pub in enumerate(publishers):  # PUB drops until SUB joins
+                        # The topic names nobody and the batch no rank: discovery names both.
+                        block = stored([rank + 1], list(range(16 * rank, 16 * rank + 16)))
+                        payload = encode_batch([block], version="0.33", dp_rank=None)
+                        pub.send_multipart([b"kv@", seqs[rank].to_bytes(8, "big"), payload])
+                        seqs[rank] += 1
+                    pods = await plane.pods()
+                    return [(p.pod_id, p.dp_rank, p.model) for p in pods] == [
+                        ("127.0.0.1:8000", rank, MODEL) for rank in (0, 1)
+                    ]
 
-                await eventually(ranks_heard, "frames from both ranks")
-                sources = {frame.source for frame in frames}
-                assert sources == {Source("127.0.0.1:8000", MODEL, rank, None) for rank in (0, 1)}
+                await eventually_async(ranks_heard, "frames from both ranks")
+                found = await plane.lookup(MODEL, token_ids=range(16, 32))
+                assert [str(p.pod) for p in found.pods] == ["127.0.0.1:8000@dp1"]
                 server.delete_pod("vllm-0")
-                await eventually(lambda: ("forget", "127.0.0.1:8000") in recorder.calls, "drop")
+
+                async def dropped() -> bool:
+                    return await plane.pods() == []
+
+                await eventually_async(dropped, "the drop")
+                assert (await plane.lookup(MODEL, token_ids=range(16, 32))).pods == []
         finally:
-            await subscriber.close()
+            await plane.stop()
             for pub in publishers:
                 pub.close()
             context.term()
 
     asyncio.run(main())
+
+
+async def eventually_async(
+    check: Callable[[], Awaitable[bool]], what: str, within: float = 5.0
+) -> None:
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        await asyncio.sleep(0.01)
 
 
 def test_backoff_doubles_up_to_the_cap_with_jitter_and_resets() -> None:

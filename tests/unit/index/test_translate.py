@@ -9,8 +9,8 @@ from pathlib import Path
 
 from service.events.vllm import decode_batch
 from service.index.keys import HashCheck, TokenKeys, VllmKeys
-from service.index.memory import MemoryIndex
 from service.index.protocol import PodMatch, PodRank
+from service.index.reference import ReferenceIndex
 from service.index.translate import EventTranslator, Translation
 from tests.support.vllm_wire import WireEvent, encode_batch, removed, stored
 
@@ -24,7 +24,7 @@ class Pipeline:
 
     def __init__(self, translator: EventTranslator) -> None:
         self.translator = translator
-        self.index = MemoryIndex()
+        self.index = ReferenceIndex()
 
     def send(self, *events: WireEvent, version: str = "0.33") -> Translation:
         batch = decode_batch(encode_batch(list(events), version=version))  # type: ignore[arg-type]
@@ -138,10 +138,50 @@ def test_engine_hash_map_is_bounded() -> None:
     pipeline = tokens_pipeline(max_engine_hashes=100)
     for i in range(50):
         pipeline.send(stored(engine_hashes(4, start=4 * i + 1), [i] * 64))
-    assert pipeline.translator.engine_hashes_known <= 100
-    # The most recent chain still resolves.
+        assert pipeline.translator.engine_hashes_known <= 100
+    # The most recent chain still resolves; the first ones are long forgotten.
     last = engine_hashes(4, start=4 * 49 + 1)
     assert len(pipeline.translator.keys_of_engine_hashes(last)) == 4
+    assert pipeline.translator.keys_of_engine_hashes(engine_hashes(1)) == []
+
+
+def known(pipeline: Pipeline, hashes: Sequence[int]) -> list[bool]:
+    """Per engine hash: whether it still resolves to a key."""
+    return [bool(pipeline.translator.keys_of_engine_hashes([h])) for h in hashes]
+
+
+def test_the_oldest_generation_of_engine_hashes_is_forgotten_whole() -> None:
+    # A bound of 8: two generations of 4. Filling the young one makes it the old one and
+    # drops the previous old one, all of it at once.
+    pipeline = tokens_pipeline(max_engine_hashes=8)
+    first, second, third = engine_hashes(4), engine_hashes(2, 10), engine_hashes(2, 20)
+    pipeline.send(stored(first, TOKENS))
+    pipeline.send(stored(second, TOKENS[:32], lora_name="a"))
+    assert known(pipeline, first + second) == [True] * 6
+    pipeline.send(stored(third, TOKENS[:32], lora_name="b"))
+    assert known(pipeline, first) == [False] * 4
+    assert known(pipeline, second + third) == [True] * 4
+    assert pipeline.translator.engine_hashes_known <= 8
+    # What was forgotten can no longer be removed through its engine hash.
+    assert pipeline.send(removed(first)).skipped == {"unmapped": 1}
+    assert pipeline.match_tokens(TOKENS) == 4
+
+
+def test_a_parent_in_use_survives_a_generation_flip() -> None:
+    pipeline = tokens_pipeline(max_engine_hashes=8)
+    prefix = engine_hashes(4)  # a shared system prompt: fills the young generation
+    pipeline.send(stored(prefix, TOKENS))
+    # A request continuing from the prefix touches its last block (it moves to the young
+    # generation); then another prompt fills the young generation, and the old one, with
+    # the rest of the prefix, is dropped.
+    pipeline.send(stored(engine_hashes(1, 10), list(range(16)), parent=prefix[-1]))
+    pipeline.send(stored(engine_hashes(4, 20), list(range(100, 164))))
+    assert known(pipeline, prefix) == [False, False, False, True]
+    # So the prefix still keys its continuations (no unknown_parent).
+    continuation = stored(engine_hashes(1, 30), list(range(200, 216)), parent=prefix[-1])
+    continued = pipeline.send(continuation)
+    assert continued.skipped == {}
+    assert pipeline.match_tokens([*TOKENS, *range(200, 216)]) == 5
 
 
 def test_vllm_mode_uses_engine_hashes_and_confirms_them() -> None:
