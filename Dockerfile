@@ -9,14 +9,17 @@ FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 WORKDIR /src
-# A compiler and xxhash.h for the optional C extension (setup.py); the runtime stage needs
-# neither: xxhash is compiled in. Versions follow the base image's Debian release.
+# The native data plane's build (setup.py, scripts/native_deps.sh): a C++ compiler and the
+# headers of xxhash (compiled in), ZeroMQ, OpenSSL and gRPC, whose shared libraries the
+# runtime stage installs. Versions follow the base image's Debian release.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends gcc libc6-dev libxxhash-dev \
+    && apt-get install -y --no-install-recommends \
+        g++ libc6-dev libxxhash-dev libzmq3-dev libssl-dev libgrpc++-dev \
     && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/kv-cache
 COPY pyproject.toml setup.py README.md ./
+COPY native/ ./native/
 COPY service/ ./service/
 # pip compiles every installed module, so the runtime never writes bytecode.
 RUN /opt/kv-cache/bin/pip install --quiet --upgrade pip \
@@ -33,6 +36,11 @@ ENV PATH=/opt/kv-cache/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp
+# The shared libraries service._dataplane links: ZeroMQ, OpenSSL's libcrypto, gRPC.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libzmq5 libssl3 libgrpc++1.51 \
+    && rm -rf /var/lib/apt/lists/*
 COPY --from=builder /opt/kv-cache /opt/kv-cache
 # The default configuration; Kubernetes mounts the kv-cache-config ConfigMap over it.
 COPY docker/config.yaml /etc/kv-cache/config.yaml

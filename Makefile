@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: native sanitize serve test lint typecheck unit bench proto proto-check manifests manifests-check image clean
+.PHONY: fuzz native sanitize serve test lint typecheck unit bench proto proto-check manifests manifests-check image clean
 
 NATIVE_SOURCES := $(wildcard native/*.cpp native/*.hpp)
 NATIVE := $(VENV)/.native
@@ -34,6 +34,12 @@ sanitize: $(STAMP)
 	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	$(BIN)/python -m pytest -p tests.support.sanitized_native tests/unit/native \
 		tests/conformance/test_native.py tests/unit/dataplane/test_planes_agree.py
+
+# The native event decoder under libFuzzer (clang, ASan, UBSan); what it keeps is then held
+# to the Python decoder. CI runs it for a minute.
+FUZZ_SECONDS ?= 600
+fuzz: $(NATIVE)
+	scripts/fuzz_decode.sh $(FUZZ_SECONDS)
 
 serve: $(NATIVE)
 	$(BIN)/kv-cache serve

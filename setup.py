@@ -1,10 +1,11 @@
 """Only the native data plane; everything else is in pyproject.toml.
 
-``service._dataplane`` (native/*.cpp, C++17) needs a C++ compiler and three Debian packages:
-``libxxhash-dev`` (block keys), ``libzmq3-dev`` (the event sockets) and ``libssl-dev``
-(sha256 for vLLM's own block hashes). ``make`` installs them when it can
-(scripts/native_deps.sh). The build is not optional: without them it stops and says what to
-install, rather than leave a service that silently runs the slow path.
+``service._dataplane`` (native/*.cpp, C++17) needs a C++ compiler and four Debian packages:
+``libxxhash-dev`` (block keys), ``libzmq3-dev`` (the event sockets), ``libssl-dev``
+(sha256 for vLLM's own block hashes) and ``libgrpc++-dev`` (the gRPC front). ``make``
+installs them when it can (scripts/native_deps.sh). The build is not optional: without them
+it stops and says what to install, rather than leave a service that silently runs the slow
+path.
 
 ``KV_CACHE_SANITIZE=1`` builds with AddressSanitizer and UBSan (``make sanitize``).
 """
@@ -21,6 +22,7 @@ _NEEDED = {
     "xxhash.h": "libxxhash-dev",
     "zmq.h": "libzmq3-dev",
     "openssl/evp.h": "libssl-dev",
+    "grpcpp/grpcpp.h": "libgrpc++-dev",
 }
 
 
@@ -53,8 +55,9 @@ setup(
         Pybind11Extension(
             "service._dataplane",
             sorted(glob("native/*.cpp")),
+            depends=sorted(glob("native/*.hpp")),  # rebuilt when a header alone changes
             include_dirs=["native"],
-            libraries=["zmq", "crypto"],
+            libraries=["zmq", "crypto", "grpc++", "grpc", "gpr"],
             cxx_std=17,
             extra_compile_args=["-Wall", "-Wextra", "-Wno-missing-field-initializers", *_flags],
             extra_link_args=["-fsanitize=address,undefined"] if _sanitize else [],

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "bindings.hpp"
+#include "grpc_front.hpp"
 #include "plane.hpp"
 
 namespace py = pybind11;
@@ -318,8 +319,56 @@ class PlaneHandle {
 
     void set_clock_for_test(double seconds) { plane_->set_clock_for_test(seconds); }
 
+    int serve_grpc(const std::string& address, const std::string& backend,
+                   int max_message_bytes, uint64_t max_tokens, std::vector<double> buckets) {
+        if (front_) {
+            throw std::logic_error("the gRPC front is already serving");
+        }
+        GrpcFrontSettings settings;
+        settings.address = address;
+        settings.backend = backend;
+        settings.max_message_bytes = max_message_bytes;
+        settings.max_tokens = max_tokens;
+        std::copy(std::begin(weights_.tier), std::end(weights_.tier), settings.weights);
+        auto front = std::make_unique<GrpcFront>(*plane_, settings, std::move(buckets));
+        int port;
+        {
+            py::gil_scoped_release released;
+            port = front->start();
+        }
+        front_ = std::move(front);
+        return port;
+    }
+
+    void stop_grpc(double grace_seconds) {
+        if (front_) {
+            py::gil_scoped_release released;
+            front_->stop(grace_seconds);
+        }
+    }
+
+    py::dict grpc_counts() const {
+        py::dict out;
+        FrontCounts counts = front_ ? front_->counts() : FrontCounts{};
+        out["buckets"] = counts.buckets;
+        out["seconds"] = counts.seconds;
+        out["queries"] = counts.queries;
+        out["blocks"] = counts.blocks;
+        out["hit_blocks"] = counts.hit_blocks;
+        out["relayed"] = counts.relayed;
+        return out;
+    }
+
+    ~PlaneHandle() {
+        if (front_) {
+            py::gil_scoped_release released;
+            front_->stop(0);  // before the plane it reads goes
+        }
+    }
+
    private:
     std::unique_ptr<DataPlane> plane_;
+    std::unique_ptr<GrpcFront> front_;
     Weights weights_;
 };
 
@@ -356,6 +405,10 @@ void bind_plane(py::module_& m) {
         .def("models", &PlaneHandle::models)
         .def("counts", &PlaneHandle::counts)
         .def("set_clock_for_test", &PlaneHandle::set_clock_for_test, py::arg("seconds"))
+        .def("serve_grpc", &PlaneHandle::serve_grpc, py::arg("address"), py::arg("backend"),
+             py::arg("max_message_bytes"), py::arg("max_tokens"), py::arg("buckets"))
+        .def("stop_grpc", &PlaneHandle::stop_grpc, py::arg("grace_seconds"))
+        .def("grpc_counts", &PlaneHandle::grpc_counts)
         .def("apply_frame_for_test", &PlaneHandle::apply_frame_for_test, py::arg("topic"),
              py::arg("seq"), py::arg("payload"), py::arg("pod_id") = "", py::arg("model") = "",
              py::arg("rank") = 0, py::arg("replay_endpoint") = "", py::arg("received") = 0.0);

@@ -1,5 +1,5 @@
-// Python bindings of the token readers and the tokens-mode keys, for the API edges and for
-// the tests that hold them to their Python references.
+// Python bindings of the REST body reader and the tokens-mode keys, for the API edges and
+// for the tests that hold them to their Python references.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "bindings.hpp"
-#include "json_tokens.hpp"
+#include "rest_body.hpp"
 #include "token_keys.hpp"
 
 namespace py = pybind11;
@@ -73,21 +73,38 @@ void bind_tokens(py::module_& m) {
         "Keys of the full blocks of uint32 token ids, as TokenKeys.block_keys computes them.");
 
     m.def(
-        "unpack_json_tokens",
-        [](const py::buffer& raw) {
+        "parse_plain_locality",
+        [](const py::buffer& raw) -> py::object {
             py::buffer_info info = raw.request();
             if (info.ndim != 1 || info.itemsize != 1) {
-                throw py::value_error("JSON text must be a flat buffer of bytes");
+                throw py::value_error("a body must be a flat buffer of bytes");
             }
-            std::vector<uint32_t> tokens;
-            if (!parse_json_tokens(static_cast<const char*>(info.ptr),
-                                   static_cast<size_t>(info.size), tokens)) {
-                throw py::value_error("not a JSON array of plain integers in [0, 2**32)");
+            PlainLocality body;
+            std::string_view text(static_cast<const char*>(info.ptr),
+                                  static_cast<size_t>(info.size));
+            if (!parse_plain_locality(text, body)) {
+                return py::none();
             }
-            return py::bytes(reinterpret_cast<const char*>(tokens.data()), tokens.size() * 4);
+            auto text_or_none = [](const std::optional<std::string_view>& value) {
+                return value ? py::object(py::str(value->data(), value->size())) : py::none();
+            };
+            py::object pods = py::none();
+            if (body.pods) {
+                py::list items;
+                for (std::string_view pod : *body.pods) {
+                    items.append(py::str(pod.data(), pod.size()));
+                }
+                pods = items;
+            }
+            return py::make_tuple(
+                py::str(body.model.data(), body.model.size()),
+                py::bytes(reinterpret_cast<const char*>(body.tokens.data()),
+                          body.tokens.size() * 4),
+                text_or_none(body.lora_name), text_or_none(body.cache_salt), pods);
         },
-        py::arg("raw"),
-        "A JSON array of plain integers in [0, 2**32), packed as native uint32.");
+        py::arg("body"),
+        "(model, token ids as packed uint32, lora_name, cache_salt, pods) of a plain "
+        "locality body, or None for any other body.");
 }
 
 }  // namespace kvc

@@ -26,6 +26,7 @@
 #include "decode.hpp"
 
 #include <cstring>
+#include <limits>
 
 #include "msgpack_reader.hpp"
 
@@ -38,8 +39,9 @@ using msgpack::Reader;
 using msgpack::Type;
 using msgpack::Value;
 
-// Containers that may still open below each level of a batch (the batch is level 1, its
-// events array 2, an event 3, an event's field 4), so that nothing nests past kMaxDepth.
+// How many nested containers a value may open, by where it is (the batch is level 1, its
+// items 2, an event 3, an event's field 4, a field's element 5): nothing nests past
+// kMaxDepth.
 constexpr uint32_t kBatchItemDepth = kMaxDepth - 1;
 constexpr uint32_t kEventDepth = kMaxDepth - 2;
 constexpr uint32_t kFieldDepth = kMaxDepth - 3;
@@ -196,6 +198,10 @@ Check strict(Reader& r, uint32_t depth_left) {
 // ASCII letters, only four characters uppercase to letters of those words: U+0131 (dotless
 // i) to I, U+017F (long s) to S, U+FB05 and U+FB06 (st ligatures) to ST.
 bool tier_of(std::string_view medium, Tier& tier) {
+    if (medium == "GPU") {  // what vLLM sends
+        tier = Tier::kGpu;
+        return true;
+    }
     char upper[8];
     size_t n = 0;
     auto put = [&](char c) {
@@ -354,6 +360,7 @@ struct EventState {
     int64_t lora_id = 0;
     bool has_medium = false;
     std::string_view medium;
+    Tier tier = Tier::kGpu;  // the medium's, once judged
     bool has_lora_name = false;
     std::string_view lora_name;
     bool has_extra_keys = false;
@@ -508,18 +515,13 @@ class Decoder {
         if (!r_.read(head)) {
             return false;
         }
-        EventSkip verdict = EventSkip::kEventShape;
+        EventSkip verdict = EventSkip::kEventShape;  // what any other value is
         Tag tag = Tag::kNotStr;
         bool typed = false;
-        if (head.type == Type::kArray) {
-            if (!array_event(head, s, tag, verdict, typed)) {
-                return false;
-            }
-        } else if (head.type == Type::kMap) {
-            if (!map_event(head, s, tag, verdict, typed)) {
-                return false;
-            }
-        } else if (!r_.skip_children(head, kEventDepth)) {
+        if (head.type == Type::kArray && !array_event(head, s, tag, verdict, typed)) {
+            return false;
+        }
+        if (head.type == Type::kMap && !map_event(head, s, tag, verdict, typed)) {
             return false;
         }
         if (!typed && verdict != EventSkip::kEventShape) {
@@ -569,9 +571,9 @@ class Decoder {
     bool map_event(const Value& head, EventState& s, Tag& tag, EventSkip& verdict,
                    bool& typed) {
         bool str_keys = true;  // the typed Struct reads str keys only
-        bool has_type = false, types_agree = true;
-        Tag first_tag = Tag::kNotStr;
-        std::string_view first_type;
+        bool one_type = true;  // every "type" is the same str, as the typed Struct needs
+        bool has_type = false;
+        std::string_view type;  // the first one
         for (uint32_t i = 0; i < head.count; i++) {
             Value key;
             if (!r_.read(key)) {
@@ -584,19 +586,19 @@ class Decoder {
                     return false;
                 }
             } else if (key.bytes == "type") {
-                // The typed Struct takes the first "type" and needs every other to match;
-                // the untyped dict keeps the last.
+                // The untyped dict keeps the last "type".
                 Value v;
                 if (!r_.read(v) || !r_.skip_children(v, kFieldDepth)) {
                     return false;
                 }
                 tag = tag_of(v);
-                if (!has_type) {
+                if (tag == Tag::kNotStr) {
+                    one_type = false;
+                } else if (!has_type) {
                     has_type = true;
-                    first_tag = tag;
-                    first_type = tag == Tag::kNotStr ? std::string_view() : v.bytes;
-                } else if (tag == Tag::kNotStr || v.bytes != first_type) {
-                    types_agree = false;
+                    type = v.bytes;
+                } else {
+                    one_type = one_type && v.bytes == type;
                 }
             } else if (field_of(key.bytes, f)) {
                 if (!field(f, s)) {
@@ -612,7 +614,7 @@ class Decoder {
         }
         const Layout& layout = layout_of(tag);
         const bool complete = layout.count == 0 || s.fields[kBlockHashes].present;
-        typed = str_keys && types_agree && first_tag == tag && complete && typed_ok(layout, s);
+        typed = str_keys && one_type && complete && typed_ok(layout, s);
         verdict = complete ? judge(tag, s) : EventSkip::kEventShape;
         return true;
     }
@@ -628,7 +630,7 @@ class Decoder {
 
     // _event_from_object then _stored: the first bad field in array order names the reason
     // (the two hash fields come first), then the checks across fields, then the medium.
-    EventSkip judge(Tag tag, const EventState& s) const {
+    EventSkip judge(Tag tag, EventState& s) const {
         const Layout& layout = layout_of(tag);
         for (uint32_t i = 0; i < layout.count; i++) {
             const Field f = layout.fields[i];
@@ -649,8 +651,7 @@ class Decoder {
                 return EventSkip::kBadField;
             }
         }
-        Tier tier;
-        if (tag != Tag::kCleared && s.has_medium && !tier_of(s.medium, tier)) {
+        if (tag != Tag::kCleared && s.has_medium && !tier_of(s.medium, s.tier)) {
             return EventSkip::kUnknownMedium;
         }
         return kDecoded;
@@ -661,10 +662,7 @@ class Decoder {
         e.kind = tag == Tag::kStored    ? EventKind::kStored
                  : tag == Tag::kRemoved ? EventKind::kRemoved
                                         : EventKind::kCleared;
-        e.tier = Tier::kGpu;
-        if (verdict == kDecoded && s.has_medium && tag != Tag::kCleared) {
-            tier_of(s.medium, e.tier);
-        }
+        e.tier = s.tier;
         e.hashes_begin = s.hashes_begin;
         e.tokens_begin = s.tokens_begin;
         e.extras_begin = s.extras_begin;
@@ -778,35 +776,46 @@ class Decoder {
 
     // The elements of block_hashes; ok = all are hashes.
     bool hashes(uint32_t count, bool& ok) {
-        for (uint32_t i = 0; i < count; i++) {
-            Value e;
-            uint64_t hash;
-            if (!r_.read(e)) {
-                return false;
-            }
-            if (!hash_of(e, hash)) {
-                ok = false;
-                return r_.skip_children(e, kElementDepth) &&
-                       skip_values(count - i - 1, kElementDepth);
-            }
-            out_.hashes.push_back(hash);
-        }
-        return true;
+        return elements(out_.hashes, count, ok, [](const Value& e, uint64_t& hash) {
+            return hash_of(e, hash);
+        });
     }
 
     // The elements of token_ids; ok = all are ints in [0, 2**32).
     bool tokens(uint32_t count, bool& ok) {
+        return elements(out_.tokens, count, ok, [](const Value& e, uint32_t& token) {
+            token = static_cast<uint32_t>(e.uint);
+            return e.type == Type::kUint && e.uint <= UINT32_MAX;
+        });
+    }
+
+    // Appends `count` elements to `into`, each an int >= 0 that fits T, or what `convert`
+    // takes; on the first it does not, ok = false and the rest is skipped. The hot loop of
+    // the decoder: the array is sized once, and most elements take Reader::read_uint only.
+    template <typename T, typename Convert>
+    bool elements(std::vector<T>& into, uint32_t count, bool& ok, Convert convert) {
+        const size_t begin = into.size();
+        into.resize(begin + count);  // count <= the bytes left: no more than the payload's size
+        T* out = into.data() + begin;
         for (uint32_t i = 0; i < count; i++) {
+            uint64_t fast;
             Value e;
-            if (!r_.read(e)) {
+            bool good;
+            if (r_.read_uint(fast)) {
+                e.type = Type::kUint;  // nothing to skip if it is no good
+                good = fast <= std::numeric_limits<T>::max();
+                out[i] = static_cast<T>(fast);
+            } else if (r_.read(e)) {
+                good = convert(e, out[i]);
+            } else {
                 return false;
             }
-            if (e.type != Type::kUint || e.uint > UINT32_MAX) {
+            if (!good) {
                 ok = false;
+                into.resize(begin + i);
                 return r_.skip_children(e, kElementDepth) &&
                        skip_values(count - i - 1, kElementDepth);
             }
-            out_.tokens.push_back(static_cast<uint32_t>(e.uint));
         }
         return true;
     }

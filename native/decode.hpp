@@ -78,8 +78,9 @@ struct Batch {
 
 // Decodes one payload; views point into `payload`, which must outlive `out`. Reuses out's
 // storage (clear, keep capacity: no allocation per call once warm). Returns false (out.error
-// set) when the payload is not a batch. Never throws, never reads out of bounds, whatever the
-// bytes.
+// set) when the payload is not a batch. Never throws (but std::bad_alloc when memory runs
+// out: the arrays grow in proportion to the payload), never reads out of bounds, whatever
+// the bytes.
 bool decode_batch(std::string_view payload, Batch& out);
 
 }  // namespace kvc

@@ -8,4 +8,5 @@ PYBIND11_MODULE(_dataplane, m) {
     kvc::bind_index(m);
     kvc::bind_plane(m);
     kvc::bind_vllm_hash(m);
+    kvc::bind_decode(m);
 }

@@ -54,6 +54,41 @@ class Reader {
     // False when the bytes are malformed or end too soon; the position is then unspecified.
     bool read(Value& v);
 
+    // The next value when it is an int >= 0 in an unsigned encoding: the common case of
+    // token ids and hashes, read without read()'s dispatch. False, and nothing read, for any
+    // other value (read() then tells what it is) or too few bytes.
+    bool read_uint(uint64_t& value) {
+        if (pos_ == end_) {
+            return false;
+        }
+        const uint8_t op = *pos_;
+        if (op <= 0x7f) {
+            value = op;
+            pos_++;
+            return true;
+        }
+        if (op < 0xcc || op > 0xcf) {
+            return false;
+        }
+        const unsigned size = 1u << (op - 0xcc);  // 0xcc: uint8 ... 0xcf: uint64
+        if (left() <= size) {
+            return false;
+        }
+        uint64_t bits = 0;
+        if (left() > 8) {
+            // One load whatever the width (mixed widths would defeat branch prediction).
+            std::memcpy(&bits, pos_ + 1, 8);
+            bits = __builtin_bswap64(bits) >> (64 - 8 * size);
+        } else {
+            for (unsigned i = 1; i <= size; i++) {
+                bits = bits << 8 | pos_[i];
+            }
+        }
+        pos_ += 1 + size;
+        value = bits;
+        return true;
+    }
+
     // After read() gave `v`: skips its elements (nothing for a value that is not a container).
     // `depth_left` is how many nested containers may still open, `v` included.
     bool skip_children(const Value& v, uint32_t depth_left);

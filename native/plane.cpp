@@ -1,5 +1,7 @@
 #include "plane.hpp"
 
+#include "utf8.hpp"
+
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -34,45 +36,6 @@ double unix_now() {
     timespec now;
     clock_gettime(CLOCK_REALTIME, &now);
     return static_cast<double>(now.tv_sec) + static_cast<double>(now.tv_nsec) * 1e-9;
-}
-
-// Well-formed UTF-8 (no overlongs, surrogates or code points past U+10FFFF), as Python's
-// strict decoder takes it: topics name pods and models, so garbage is refused, not mangled.
-bool valid_utf8(const std::string& text) {
-    const auto* p = reinterpret_cast<const unsigned char*>(text.data());
-    const auto* end = p + text.size();
-    while (p < end) {
-        unsigned c = *p;
-        if (c < 0x80) {
-            p++;
-            continue;
-        }
-        int length;
-        unsigned low = 0x80, high = 0xBF;
-        if (c >= 0xC2 && c <= 0xDF) {
-            length = 2;
-        } else if (c >= 0xE0 && c <= 0xEF) {
-            length = 3;
-            if (c == 0xE0) low = 0xA0;
-            if (c == 0xED) high = 0x9F;
-        } else if (c >= 0xF0 && c <= 0xF4) {
-            length = 4;
-            if (c == 0xF0) low = 0x90;
-            if (c == 0xF4) high = 0x8F;
-        } else {
-            return false;
-        }
-        if (end - p < length || p[1] < low || p[1] > high) {
-            return false;
-        }
-        for (int i = 2; i < length; i++) {
-            if ((p[i] & 0xC0) != 0x80) {
-                return false;
-            }
-        }
-        p += length;
-    }
-    return true;
 }
 
 // "kv@<pod>@<model>" -> (pod, model); missing parts are empty (ingest.py, parse_topic).
@@ -250,6 +213,7 @@ void DataPlane::apply_frame_for_test(Frame&& frame) {
 void DataPlane::on_frame(Frame& frame) {
     const Source& source = *frame.source;
     std::string pod_id, model;
+    // Topics name pods and models: garbage is refused, not mangled.
     bool named = valid_utf8(frame.topic);
     if (named) {
         parse_topic(frame.topic, pod_id, model);

@@ -6,6 +6,7 @@ missing=""
 [ -e /usr/include/xxhash.h ] || missing="$missing libxxhash-dev"
 [ -e /usr/include/zmq.h ] || missing="$missing libzmq3-dev"
 [ -e /usr/include/openssl/evp.h ] || missing="$missing libssl-dev"
+[ -e /usr/include/grpcpp/grpcpp.h ] || missing="$missing libgrpc++-dev"
 command -v g++ >/dev/null || missing="$missing g++"
 [ -z "$missing" ] && exit 0
 if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then

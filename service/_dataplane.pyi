@@ -1,7 +1,7 @@
 """kv-cache's native data plane (native/*.cpp): ingest, index and lookups with the GIL released."""
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 from typing_extensions import Buffer
 
@@ -14,8 +14,11 @@ def token_keys(
 ) -> list[int]:
     """Keys of the full blocks of uint32 token ids, as TokenKeys.block_keys computes them."""
 
-def unpack_json_tokens(raw: Buffer) -> bytes:
-    """A JSON array of plain integers in [0, 2**32), packed as native uint32."""
+def parse_plain_locality(
+    body: Buffer,
+) -> tuple[str, bytes, str | None, str | None, list[str] | None] | None:
+    """(model, token ids as packed uint32, lora_name, cache_salt, pods) of a plain locality
+    body, or None for any other body (native/rest_body.hpp)."""
 
 class UnknownParent(LookupError):
     """The digest of a parent block hash is not remembered (keys.UnknownParent)."""
@@ -153,6 +156,16 @@ class DataPlane:
     def models(self) -> list[dict[str, Any]]: ...
     def counts(self) -> dict[str, Any]: ...
     def set_clock_for_test(self, seconds: float) -> None: ...
+    def serve_grpc(
+        self,
+        address: str,
+        backend: str,
+        max_message_bytes: int,
+        max_tokens: int,
+        buckets: Sequence[float],
+    ) -> int: ...
+    def stop_grpc(self, grace_seconds: float) -> None: ...
+    def grpc_counts(self) -> dict[str, Any]: ...
     def apply_frame_for_test(
         self,
         topic: bytes,
@@ -164,3 +177,25 @@ class DataPlane:
         replay_endpoint: str = "",
         received: float = 0.0,
     ) -> None: ...
+
+# native/bind_decode.cpp: an extra_keys entry is None or (length, first element if a str,
+# second element if a str, the entry's msgpack bytes).
+ExtraKey: TypeAlias = tuple[int, str | None, str | None, bytes] | None
+StoredEvent: TypeAlias = tuple[
+    Literal["BlockStored"],
+    tuple[int, ...],  # block_hashes
+    int | None,  # parent_block_hash
+    tuple[int, ...],  # token_ids
+    int,  # block_size
+    int,  # tier (service.events.model.Tier)
+    str | None,  # lora_name
+    int | None,  # lora_id
+    tuple[ExtraKey, ...] | None,  # extra_keys
+]
+RemovedEvent: TypeAlias = tuple[Literal["BlockRemoved"], tuple[int, ...], int]
+ClearedEvent: TypeAlias = tuple[Literal["AllBlocksCleared"]]
+DecodedEvent: TypeAlias = StoredEvent | RemovedEvent | ClearedEvent
+
+def decode_batch(
+    payload: bytes,
+) -> tuple[float, int | None, list[DecodedEvent], dict[str, int]]: ...

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import gc
 import signal
+import tempfile
 from collections.abc import Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
@@ -21,11 +22,12 @@ import uvicorn
 import zmq
 import zmq.asyncio
 
-from service.api.grpc_server import GrpcApi
+from service.api.grpc_server import GrpcApi, grpc_address
 from service.api.query import LocalityAnswer, QueryService
 from service.api.rest import create_rest_app
 from service.config import Settings
 from service.dataplane import create_data_plane
+from service.dataplane.native import NativeDataPlane
 from service.events.subscriber import PodEndpoint
 from service.logging import configure_logging
 from service.prompts import PromptEncoders
@@ -127,14 +129,17 @@ class Service:
                 log_config=None,
                 access_log=False,
                 lifespan="off",
+                proxy_headers=False,  # nothing reads client addresses; one layer less per request
                 timeout_graceful_shutdown=int(_STOP_SECONDS) - 1,
             )
         )
         self._stopping = asyncio.Event()
+        self._front: NativeDataPlane | None = None
+        self._socket_dir: tempfile.TemporaryDirectory[str] | None = None
 
     def _observe_query(self, api: str, seconds: float, answer: LocalityAnswer | None) -> None:
         if answer is None:
-            self.metrics.query_duration.labels(api).observe(seconds)
+            self.metrics.observe_query(api, seconds, 0, 0)
             return
         locality = answer.locality
         self.metrics.observe_query(api, seconds, locality.total_blocks, locality.cache_hits)
@@ -157,7 +162,7 @@ class Service:
         await self.plane.start()
         if self.discovery is not None:
             self.discovery.start()
-        grpc_port = await self.grpc.start(settings.grpc.host, settings.grpc.port)
+        grpc_port = await self._start_grpc()
         http_task = asyncio.create_task(self._serve_http(), name="http")
         while not self.http.started:
             if http_task.done():
@@ -184,6 +189,26 @@ class Service:
         )
         if self.plane.kind == "python":
             log.warning("python data plane", detail=PYTHON_PLANE_WARNING)
+
+    async def _start_grpc(self) -> int:
+        """The gRPC server; with the native plane, behind the native front (the front owns
+        the port and answers the hot path; the Python server serves the rest on a private
+        socket)."""
+        settings = self.settings
+        if not isinstance(self.plane, NativeDataPlane):
+            return await self.grpc.start(settings.grpc.host, settings.grpc.port)
+        self._socket_dir = tempfile.TemporaryDirectory(prefix="kv-cache-")
+        backend = f"unix:{self._socket_dir.name}/grpc.sock"
+        await self.grpc.start_at(backend)
+        port = self.plane.serve_grpc(
+            grpc_address(settings.grpc.host, settings.grpc.port),
+            backend,
+            max_message_bytes=settings.api.max_body_bytes,
+            max_tokens=settings.api.max_tokens,
+        )
+        self._front = self.plane
+        self.metrics.watch_native_queries(self.plane.grpc_counts)
+        return port
 
     async def _serve_http(self) -> None:
         try:
@@ -221,10 +246,16 @@ class Service:
             await self.grpc.set_serving(False)
         self.http.should_exit = True
         http_task = getattr(self, "_http_task", None)
+        if self._front is not None:
+            # Releases the GIL while calls in flight finish; relayed ones need the Python
+            # server behind it, which stops after.
+            await asyncio.to_thread(self._front.stop_grpc, _STOP_SECONDS - 2)
         await asyncio.gather(
             self.grpc.stop(grace=_STOP_SECONDS - 2),
             *([http_task] if http_task is not None else []),
             return_exceptions=True,
         )
+        if self._socket_dir is not None:
+            self._socket_dir.cleanup()
         await self.plane.stop()
         self._zmq.term()

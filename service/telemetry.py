@@ -8,10 +8,12 @@ The query path and the replay fetches, which run here, use ordinary metrics.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter as Tally
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Protocol
+from itertools import accumulate
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import (
@@ -210,15 +212,90 @@ def _version() -> str:
         return "0+unknown"
 
 
+class QueryCounts:
+    """Latency and hit counts of the queries answered in one place, per API."""
+
+    def __init__(self) -> None:
+        self.buckets: dict[str, list[int]] = {}
+        self.seconds: dict[str, float] = {}
+        self.blocks = self.hit_blocks = 0
+
+    def observe(self, api: str, seconds: float) -> None:
+        counts = self.buckets.get(api)
+        if counts is None:
+            counts = self.buckets[api] = [0] * (len(LATENCY_BUCKETS) + 1)
+            self.seconds[api] = 0.0
+        counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.seconds[api] += seconds
+
+
+NativeQueries = Callable[[], dict[str, Any]]
+"""The native gRPC front's counts (``DataPlane.grpc_counts`` of service._dataplane)."""
+
+
+class _QueryCollector(Collector):
+    """``kv_cache_query_*`` and the hit ratio, over the queries answered in Python and
+    those the native gRPC front answered itself."""
+
+    def __init__(self, counts: QueryCounts) -> None:
+        self.counts = counts
+        self.native: NativeQueries | None = None
+
+    def collect(self) -> Iterable[Metric]:
+        by_api = {
+            api: (list(b), self.counts.seconds[api]) for api, b in self.counts.buckets.items()
+        }
+        for api in ("rest", "grpc"):
+            by_api.setdefault(api, ([0] * (len(LATENCY_BUCKETS) + 1), 0.0))
+        blocks, hits = self.counts.blocks, self.counts.hit_blocks
+        relayed = CounterMetricFamily(
+            "kv_cache_grpc_relayed_calls",
+            "gRPC calls the native front passed to the Python server (all but the hot path)",
+        )
+        if self.native is not None:
+            native = self.native()
+            relayed.add_metric([], native["relayed"])
+            grpc_buckets, grpc_seconds = by_api["grpc"]
+            by_api["grpc"] = (
+                [a + b for a, b in zip(grpc_buckets, native["buckets"], strict=True)],
+                grpc_seconds + native["seconds"],
+            )
+            blocks += native["blocks"]
+            hits += native["hit_blocks"]
+        duration = HistogramMetricFamily(
+            "kv_cache_query_duration_seconds",
+            "Query latency inside the service, by api",
+            labels=["api"],
+        )
+        bounds = (*(str(b) for b in LATENCY_BUCKETS), "+Inf")
+        for api, (counts, seconds) in sorted(by_api.items()):
+            duration.add_metric([api], list(zip(bounds, accumulate(counts), strict=True)), seconds)
+        asked = CounterMetricFamily("kv_cache_query_blocks", "Prompt blocks asked about in queries")
+        asked.add_metric([], blocks)
+        held = CounterMetricFamily("kv_cache_query_hit_blocks", "Prompt blocks the best pod held")
+        held.add_metric([], hits)
+        ratio = GaugeMetricFamily(
+            "kv_cache_hit_ratio",
+            "Blocks the best pod held / blocks asked about, over all queries so far",
+        )
+        ratio.add_metric([], hits / blocks if blocks else 0.0)
+        return [duration, asked, held, ratio, relayed]
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
 class Metrics:
     """Every metric the service exports, registered on its own registry."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        self._asked = self._hits = 0
         r = self.registry
         self.plane = _PlaneCollector()
         r.register(self.plane)
+        self.queries = QueryCounts()
+        self._query_collector = _QueryCollector(self.queries)
+        r.register(self._query_collector)
         self.build_info = Gauge(
             "kv_cache_build_info",
             "1, labelled with the version and the data plane running (native or python)",
@@ -231,37 +308,17 @@ class Metrics:
         self.replay_duration = Histogram(
             "kv_cache_replay_duration_seconds", "Time to fetch a replay", registry=r
         )
-        self.query_duration = Histogram(
-            "kv_cache_query_duration_seconds",
-            "Query latency inside the service, by api",
-            ["api"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        for api in ("rest", "grpc"):
-            self.query_duration.labels(api)
-        self.query_blocks = Counter(
-            "kv_cache_query_blocks", "Prompt blocks asked about in queries", registry=r
-        )
-        self.query_hit_blocks = Counter(
-            "kv_cache_query_hit_blocks", "Prompt blocks the best pod held", registry=r
-        )
-        self.hit_ratio = Gauge(
-            "kv_cache_hit_ratio",
-            "Blocks the best pod held / blocks asked about, over all queries so far",
-            registry=r,
-        )
 
     def watch(self, plane: PlaneSource) -> None:
         """Exports ``plane``'s counters from now on, and says which plane runs."""
         self.plane.plane = plane
         self.build_info.labels(plane.kind, _version()).set(1)
 
+    def watch_native_queries(self, counts: NativeQueries) -> None:
+        """Adds the queries the native gRPC front answers to the query metrics."""
+        self._query_collector.native = counts
+
     def observe_query(self, api: str, seconds: float, total_blocks: int, hits: int) -> None:
-        self.query_duration.labels(api).observe(seconds)
-        if total_blocks:
-            self.query_blocks.inc(total_blocks)
-            self.query_hit_blocks.inc(hits)
-            self._asked += total_blocks
-            self._hits += hits
-            self.hit_ratio.set(self._hits / self._asked)
+        self.queries.observe(api, seconds)
+        self.queries.blocks += total_blocks
+        self.queries.hit_blocks += hits

@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "SERVICE_NAMES",
     "GrpcApi",
+    "grpc_address",
     "start_grpc_server",
     "status_code_of",
 ]
@@ -293,13 +294,14 @@ class GrpcApi:
 
         Returns the bound port. Raises ``OSError`` when the address cannot be bound.
         """
+        return await self.start_at(grpc_address(host, port))
+
+    async def start_at(self, address: str) -> int:
+        """``start`` on any gRPC address, e.g. ``unix:/path`` behind the native front."""
         if self._server is not None:
             raise RuntimeError("the gRPC server is already started")
         await self.refresh_health()
         self._server = server = self._build()
-        address = (
-            f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-        )
         try:
             bound = server.add_insecure_port(address)
         except RuntimeError as error:
@@ -355,6 +357,11 @@ class GrpcApi:
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
+
+
+def grpc_address(host: str, port: int) -> str:
+    """``host:port``, an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 def _health_names() -> Sequence[str]:

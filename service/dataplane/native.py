@@ -244,6 +244,31 @@ class NativeDataPlane:
         size: int | None = self._plane.block_size(model)
         return size
 
+    # -- the gRPC front ------------------------------------------------------------------
+
+    def serve_grpc(
+        self, address: str, backend: str, *, max_message_bytes: int, max_tokens: int
+    ) -> int:
+        """Serves the gRPC port natively (native/grpc_front.hpp): the hot path answered from
+        the plane, every other call relayed to the Python server at ``backend``. Returns the
+        bound port; ``OSError`` when ``address`` cannot be bound."""
+        try:
+            port: int = self._plane.serve_grpc(
+                address, backend, max_message_bytes, max_tokens, list(LATENCY_BUCKETS)
+            )
+        except RuntimeError as error:
+            raise OSError(str(error)) from error
+        return port
+
+    def stop_grpc(self, grace: float) -> None:
+        """Stops the front; calls in flight get ``grace`` seconds."""
+        self._plane.stop_grpc(grace)
+
+    def grpc_counts(self) -> dict[str, Any]:
+        """The front's query latencies and counts (``Metrics.watch_native_queries``)."""
+        counts: dict[str, Any] = self._plane.grpc_counts()
+        return counts
+
     # -- status -----------------------------------------------------------------------
 
     def _snapshots(self) -> list[StreamSnapshot]:

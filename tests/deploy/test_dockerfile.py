@@ -232,3 +232,34 @@ def test_runtime_exposes_the_configured_ports() -> None:
     zmq_port = int(settings.zmq.endpoint.rsplit(":", 1)[1])
     exposed = {int(port) for args in runtime().all("EXPOSE") for port in args.split()}
     assert exposed == {settings.api.port, settings.grpc.port, zmq_port}
+
+
+# The C and C++ runtime every python:*-slim image has.
+_BASE_LIBRARIES = ("libc.so", "libm.so", "libstdc++.so", "libgcc_s.so", "ld-linux")
+
+
+def test_runtime_installs_the_libraries_the_native_data_plane_links() -> None:
+    """Every shared library service._dataplane needs beyond the C/C++ runtime comes from a
+    Debian package the runtime stage installs, or one they depend on."""
+    (built,) = (ROOT / "service").glob("_dataplane*.so")
+    dynamic = subprocess.run(["readelf", "-d", str(built)], capture_output=True, text=True)
+    needed = re.findall(r"\(NEEDED\)\s+Shared library: \[([^]]+)\]", dynamic.stdout)
+    assert needed, dynamic.stderr
+    installed = {
+        word
+        for args in runtime().all("RUN")
+        for command in args.split("&&")
+        if "apt-get install" in command
+        for word in shlex.split(command)
+        if not word.startswith("-") and word not in ("apt-get", "install")
+    }
+    reachable = set(installed)
+    for package in installed:
+        depends = subprocess.run(["apt-cache", "depends", package], capture_output=True, text=True)
+        reachable |= set(re.findall(r"Depends: (\S+)", depends.stdout))
+    for library in needed:
+        if library.startswith(_BASE_LIBRARIES):
+            continue
+        owner = subprocess.run(["dpkg", "-S", f"*/{library}"], capture_output=True, text=True)
+        packages = {line.split(":", 1)[0] for line in owner.stdout.splitlines()}
+        assert packages & reachable, f"{library} ({packages}) is not installed in the runtime"

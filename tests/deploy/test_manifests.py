@@ -276,7 +276,7 @@ def get_routes() -> set[str]:
     app = create_rest_app(cast(QueryService, object()), CollectorRegistry(), max_body_bytes=1024)
     return {
         route.path
-        for route in app.routes
+        for route in app.fastapi.routes
         if isinstance(route, APIRoute) and "GET" in (route.methods or ())
     }
 

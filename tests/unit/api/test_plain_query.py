@@ -1,21 +1,18 @@
-"""The REST fast path for token-id bodies (``_plain_query``, over the native JSON token
-reader ``service._dataplane.unpack_json_tokens``) against the validated path: whatever it
+"""The REST fast path for token-id bodies (``_plain_query``, over the native body reader
+``service._dataplane.parse_plain_locality``) against the validated path: whatever it
 accepts, the pydantic model accepts alike and reads the same query from."""
 
 from __future__ import annotations
 
 import json
-from array import array
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service._dataplane import unpack_json_tokens
 from service.api import rest
 from service.api.rest_models import LocalityRequest
-from service.index.keys import TOKEN_TYPECODE
 
 _TOKEN = st.integers(0, 2**32 - 1)
 _ODD_TOKEN = st.sampled_from([-1, 2**32, 1.0, True, None, "1", 1e3])
@@ -66,34 +63,66 @@ def test_the_common_body_takes_the_fast_path() -> None:
 
 
 @given(tokens=st.lists(_TOKEN, max_size=50), pad=st.sampled_from(["", " ", "\n\t"]))
-def test_unpack_json_tokens_reads_json_arrays(tokens: list[int], pad: str) -> None:
+def test_token_ids_are_read_from_json_arrays(tokens: list[int], pad: str) -> None:
     text = pad + "[" + pad + ("," + pad).join(map(str, tokens)) + pad + "]" + pad
-    read = array(TOKEN_TYPECODE)
-    read.frombytes(unpack_json_tokens(text.encode()))
-    assert read.tolist() == tokens
+    query = rest._plain_query(b'{"model": "m", "token_ids": ' + text.encode() + b"}")
+    assert query is not None and list(query.token_ids or ()) == tokens
 
 
 @pytest.mark.parametrize(
-    "raw", [b"[1.0]", b"[01]", b"[-1]", b"[4294967296]", b"[1,]", b"[1", b"", b"[1 2]", b"[1e3]"]
+    "tokens", [b"[1.0]", b"[01]", b"[-1]", b"[4294967296]", b"[1,]", b"[1", b"", b"[1 2]", b"[1e3]"]
 )
-def test_unpack_json_tokens_refuses_anything_else(raw: bytes) -> None:
-    with pytest.raises(ValueError):
-        unpack_json_tokens(raw)
+def test_token_ids_written_otherwise_take_the_validated_path(tokens: bytes) -> None:
+    assert rest._plain_query(b'{"model": "m", "token_ids": ' + tokens + b"}") is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model": "m", "token_ids": [1], "model": "n"}',  # a key twice
+        b'{"model": "m\\u0041", "token_ids": [1]}',  # an escape
+        b'{"model": "m\x01", "token_ids": [1]}',  # a control character
+        b'{"model": "\xff", "token_ids": [1]}',  # not UTF-8
+        b'{"model": "", "token_ids": [1]}',
+        b'{"token_ids": [1]}',
+        b'{"model": "m", "token_ids": [1], "prompt": "x"}',
+        b'{"model": "m", "token_ids": [1]} x',
+        b'[{"model": "m", "token_ids": [1]}]',
+    ],
+)
+def test_bodies_of_any_other_shape_take_the_validated_path(raw: bytes) -> None:
+    assert rest._plain_query(raw) is None
+
+
+_TEXT = st.text(st.characters(codec="utf-8"), max_size=8)
 
 
 @settings(max_examples=500)
 @given(
-    raw=st.binary(max_size=40)
-    | st.text(alphabet='[]0123456789,-+.eE \n\t"', max_size=40).map(str.encode)
-)
-def test_unpack_json_tokens_reads_what_json_reads_or_raises_value_error(raw: bytes) -> None:
-    try:
-        packed = unpack_json_tokens(raw)
-    except ValueError:
-        return  # refused: the validated path reads the body instead
-    read = array(TOKEN_TYPECODE)
-    read.frombytes(packed)
-    expected = json.loads(raw)
-    assert isinstance(expected, list)
-    assert all(type(t) is int and 0 <= t < 2**32 for t in expected)
-    assert read.tolist() == expected
+    body=st.fixed_dictionaries(
+        {"model": _TEXT, "token_ids": st.lists(_TOKEN, max_size=4)},
+        optional={"lora_name": _TEXT | st.none(), "cache_salt": _TEXT | st.none(),
+                  "pods": st.lists(_TEXT, max_size=2) | st.none()},
+    ),
+    ascii_only=st.booleans(),
+    cut=st.integers(0, 200),
+    flip=st.integers(0, 255),
+)  # fmt: skip
+def test_garbled_bodies_are_refused_or_read_as_the_validated_path_reads_them(
+    body: dict[str, Any], ascii_only: bool, cut: int, flip: int
+) -> None:
+    raw = bytearray(json.dumps(body, ensure_ascii=ascii_only).encode())
+    if cut < len(raw):
+        raw[cut] ^= flip  # one byte garbled (flip 0: the body as written)
+    fast = rest._plain_query(bytes(raw))
+    if fast is None:
+        return
+    validated = _validated(bytes(raw))
+    assert validated is not None, raw
+    assert fast.model == validated["model"]
+    assert list(fast.token_ids or ()) == validated["token_ids"]
+    assert (fast.lora_name, fast.cache_salt, fast.pods) == (
+        validated.get("lora_name"),
+        validated.get("cache_salt"),
+        validated.get("pods"),
+    )
