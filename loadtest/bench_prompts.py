@@ -40,7 +40,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from service.prompts.encoders import PromptEncoder
+from service.prompts.encoder import PromptEncoder
 from service.prompts.tokenizer import TextTokenizer
 
 TARGET_US = 1000.0

@@ -38,6 +38,10 @@ class EngineKeyMap {
         static uint64_t key(const Entry& entry) { return entry.hash; }
         static bool empty(const Entry& entry) { return entry.stored == 0; }
         static void set_empty(Entry& entry) { entry.stored = 0; }
+        static void init(Entry& entry, uint64_t hash) {
+            entry.hash = hash;
+            entry.stored = 1;  // not empty; put() writes the key right after
+        }
     };
     static constexpr uint64_t kTag = 0x9E3779B97F4A7C15ULL;
 

@@ -2,6 +2,7 @@
 // bounded by bytes, and commands from the control plane (Python), which go first.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -50,6 +51,7 @@ class Inbox {
             return false;
         }
         bytes_ += size;
+        peak_bytes_ = std::max(peak_bytes_, bytes_);
         frames_.push_back(std::move(frame));
         if (frames_.size() == 1) {
             wake_.notify_one();
@@ -100,6 +102,17 @@ class Inbox {
     }
     uint64_t max_bytes() const { return max_bytes_; }
 
+    // The most bytes held at once since the last call, when nothing is held now; else 0.
+    uint64_t drained_peak() {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (!frames_.empty()) {
+            return 0;
+        }
+        uint64_t peak = peak_bytes_;
+        peak_bytes_ = 0;
+        return peak;
+    }
+
    private:
     static constexpr uint64_t kOverhead = sizeof(Frame);
     static constexpr size_t kSlice = 256;
@@ -110,6 +123,7 @@ class Inbox {
     std::deque<Frame> frames_;
     std::deque<Command> commands_;
     uint64_t bytes_ = 0;
+    uint64_t peak_bytes_ = 0;
     bool closed_ = false;
 };
 

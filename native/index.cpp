@@ -198,9 +198,6 @@ void BlockIndex::store(uint16_t slot_id, const uint64_t* keys, size_t count, int
     Buckets& buckets = models_[slot.model]->buckets;
     for (size_t i = 0; i < count; i++) {
         auto [bucket, inserted] = buckets.insert(keys[i]);
-        if (inserted) {
-            bucket->key = keys[i];
-        }
         uint32_t index = inserted ? 0 : find_holder(*bucket, slot_id);
         if (index != 0 && expired(at(index), now)) {
             // Gone since its TTL ran out: it starts again from this copy.
@@ -214,7 +211,7 @@ void BlockIndex::store(uint16_t slot_id, const uint64_t* keys, size_t count, int
             holder.model = slot.model;
             holder.gen = slot.gen;
             std::memset(holder.copies, 0, kTiers);
-            holder.next = bucket->head;
+            holder.next = inserted ? 0 : bucket->head;
             bucket->head = index;
             holder.older = holder.newer = 0;
             slot.entries++;

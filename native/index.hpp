@@ -113,10 +113,15 @@ class BlockIndex {
         uint32_t head;  // first holder; 0 marks an empty bucket
         uint32_t spare;
     };
+    static constexpr uint32_t kNoHolderYet = 0xFFFFFFFF;  // a new bucket, until store() links one
     struct BucketTraits {
         static uint64_t key(const Bucket& bucket) { return bucket.key; }
         static bool empty(const Bucket& bucket) { return bucket.head == 0; }
         static void set_empty(Bucket& bucket) { bucket.head = 0; }
+        static void init(Bucket& bucket, uint64_t key) {
+            bucket.key = key;
+            bucket.head = kNoHolderYet;
+        }
     };
     using Buckets = SegmentedTable<Bucket, BucketTraits>;
 

@@ -2,6 +2,7 @@
 
 #include "utf8.hpp"
 
+#include <malloc.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -24,6 +25,7 @@ constexpr uint64_t kMaxRank = 1u << 16;
 constexpr size_t kMaxWarnedTopics = 1000;
 constexpr size_t kSweepBudget = 20000;
 constexpr auto kSweepEvery = std::chrono::milliseconds(100);
+constexpr uint64_t kTrimAfterBytes = 8u << 20;
 
 const char* const kDropNames[kDropReasons] = {
     "msgpack",       "batch_shape",    "unknown_type", "event_shape",  "bad_hash",
@@ -186,6 +188,11 @@ void DataPlane::apply_loop() {
             on_frame(frame);
         }
         frames.clear();
+        // A burst's frames were malloc'd by the receiver and freed here: give the pages back
+        // once it is over, or the process keeps a burst's worth of RSS for good.
+        if (inbox_.drained_peak() >= kTrimAfterBytes) {
+            malloc_trim(0);
+        }
         if (std::chrono::steady_clock::now() >= next_sweep) {
             sweep();
             next_sweep = std::chrono::steady_clock::now() + kSweepEvery;

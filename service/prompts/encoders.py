@@ -17,25 +17,23 @@ import concurrent.futures
 import os
 import threading
 import time
-from array import array
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import structlog
 
-from service.errors import InvalidQuery, NotSupported
+from service.errors import NotSupported
 from service.prompts.locate import TokenizerNotFound, locate_tokenizer
-from service.prompts.messages import conversation, tool_schemas
-from service.prompts.template import ChatTemplate, ChatTemplateError, select_template
-from service.prompts.tokenizer import TextTokenizer, TokenizerFileError
 
-__all__ = ["DEFAULT_PREFIX_STORE_BYTES", "PromptEncoder", "PromptEncoders", "PromptSpec"]
+if TYPE_CHECKING:
+    from service.prompts.encoder import PromptEncoder
+
+__all__ = ["DEFAULT_PREFIX_STORE_BYTES", "PromptEncoders", "PromptSpec"]
 
 DEFAULT_PREFIX_STORE_BYTES: Final = 64 * 1024 * 1024
 """Prefix store bound per model when the model is not configured."""
 
-_INLINE_CHARS: Final = 4096
 _RETRY_SECONDS: Final = 30.0
 
 log = structlog.get_logger("kv_cache.prompts")
@@ -54,106 +52,6 @@ class PromptSpec(Protocol):
     def prefix_store_bytes(self) -> int: ...
 
 
-class PromptEncoder:
-    """One model's tokenizer and chat templates."""
-
-    def __init__(
-        self,
-        model: str,
-        tokenizer: TextTokenizer,
-        templates: str | Mapping[str, str] | None,
-        *,
-        inline_chars: int = _INLINE_CHARS,
-    ) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self._sources = templates
-        self._compiled: dict[str, ChatTemplate] = {}
-        self._compile_lock = threading.Lock()
-        self._inline_chars = inline_chars
-
-    async def prompt_ids(self, text: str) -> array[int]:
-        """A completion prompt's ids (``/v1/completions``: special tokens added)."""
-        _require_unicode(text, "prompt")
-        tokenizer = self.tokenizer
-        if not tokenizer.wraps:  # no store: the whole text, with the post-processor
-            if len(text) <= self._inline_chars:
-                return tokenizer.completion_ids(text)
-            return await asyncio.to_thread(tokenizer.completion_ids, text)
-        return tokenizer.completion_ids(text, await self._body_ids(text))
-
-    async def chat_ids(
-        self,
-        messages: Sequence[Mapping[str, object]],
-        tools: Sequence[Mapping[str, object]] | None = None,
-    ) -> array[int]:
-        """A chat's ids (``/v1/chat/completions``): rendered with the generation prompt,
-        tokenised without adding special tokens."""
-        return await self._body_ids(self.render(messages, tools))
-
-    def render(
-        self,
-        messages: Sequence[Mapping[str, object]],
-        tools: Sequence[Mapping[str, object]] | None = None,
-        *,
-        add_generation_prompt: bool = True,
-    ) -> str:
-        """The chat's prompt text. Raises ``InvalidQuery`` for malformed messages or tools,
-        ``NotSupported`` without a template, for a template error or non-text content."""
-        template = self._template(tools)
-        schemas = None if tools is None else tool_schemas(tools)
-        chat = conversation(messages, template.content_format)
-        try:
-            text = template.render(
-                chat,
-                tools=schemas,
-                add_generation_prompt=add_generation_prompt,
-                special_tokens=self.tokenizer.special_tokens,
-            )
-        except ChatTemplateError as error:
-            raise NotSupported(f"chat template of model {self.model!r}: {error}") from None
-        _require_unicode(text, "messages")
-        return text
-
-    def _template(self, tools: object | None) -> ChatTemplate:
-        if self._sources is None:
-            raise NotSupported(
-                f"model {self.model!r} has no chat template (tokenizer_config.json"
-                " chat_template, chat_template.jinja or models[].chat_template)"
-            )
-        try:
-            source, name = select_template(self._sources, tools=tools)
-        except ChatTemplateError as error:
-            raise NotSupported(f"chat template of model {self.model!r}: {error}") from None
-        key = name or ""
-        with self._compile_lock:
-            template = self._compiled.get(key)
-            if template is None:
-                try:
-                    template = self._compiled[key] = ChatTemplate(source)
-                except ChatTemplateError as error:
-                    raise NotSupported(f"chat template of model {self.model!r} {error}") from None
-        return template
-
-    async def _body_ids(self, text: str) -> array[int]:
-        tokenizer = self.tokenizer
-        splice = tokenizer.lookup(text)
-        if len(text) - splice.start <= self._inline_chars:
-            return tokenizer.finish(splice)
-        return await asyncio.to_thread(tokenizer.finish, splice)
-
-
-def _require_unicode(text: str, what: str) -> None:
-    if text.isascii():
-        return
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise InvalidQuery(
-            f"{what}: not valid Unicode (lone surrogate at character {error.start})"
-        ) from None
-
-
 class PromptEncoders:
     """Prompt encoders by model name, loaded on first use.
 
@@ -169,7 +67,7 @@ class PromptEncoders:
         environ: Mapping[str, str] | None = None,
         default_store_bytes: int = DEFAULT_PREFIX_STORE_BYTES,
         retry_seconds: float = _RETRY_SECONDS,
-        inline_chars: int = _INLINE_CHARS,
+        inline_chars: int | None = None,
     ) -> None:
         self._specs = {spec.name: spec for spec in specs}
         self._environ = os.environ if environ is None else environ
@@ -228,6 +126,11 @@ class PromptEncoders:
 
     def load(self, model: str) -> PromptEncoder:
         """Loads ``model``'s encoder now, in this thread. Raises ``NotSupported``."""
+        # Imported on the first prompt query: tokenizers and jinja2 cost ~5 MiB of RSS that
+        # a service answering token ids never needs.
+        from service.prompts.encoder import INLINE_CHARS, PromptEncoder
+        from service.prompts.tokenizer import TextTokenizer, TokenizerFileError
+
         spec = self._specs.get(model)
         name = spec.tokenizer if spec is not None and spec.tokenizer else model
         try:
@@ -250,7 +153,8 @@ class PromptEncoders:
             chat_template=templates is not None,
             prefix_store=tokenizer.hazard or "on",
         )
-        return PromptEncoder(model, tokenizer, templates, inline_chars=self._inline_chars)
+        inline_chars = INLINE_CHARS if self._inline_chars is None else self._inline_chars
+        return PromptEncoder(model, tokenizer, templates, inline_chars=inline_chars)
 
 
 def _not_found(model: str, spec: PromptSpec | None, error: TokenizerNotFound) -> str:

@@ -13,7 +13,8 @@ import pytest
 from tokenizers import Tokenizer
 
 from service.errors import InvalidQuery, NotSupported
-from service.prompts import PromptEncoder, PromptEncoders
+from service.prompts import PromptEncoders
+from service.prompts.encoder import PromptEncoder
 from tests.unit.prompts.build import BOS, CORPUS, tokenizer_json, write_model
 
 T = TypeVar("T")
