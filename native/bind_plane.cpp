@@ -12,6 +12,7 @@
 
 #include "bindings.hpp"
 #include "grpc_front.hpp"
+#include "http_front.hpp"
 #include "plane.hpp"
 
 namespace py = pybind11;
@@ -347,9 +348,39 @@ class PlaneHandle {
         }
     }
 
+    int serve_http(const std::string& host, int port, const std::string& backend,
+                   uint64_t max_body_bytes, uint64_t max_tokens, std::vector<double> buckets) {
+        if (http_) {
+            throw std::logic_error("the HTTP front is already serving");
+        }
+        HttpFrontSettings settings;
+        settings.host = host;
+        settings.port = port;
+        settings.backend = backend;
+        settings.max_body_bytes = max_body_bytes;
+        settings.max_tokens = max_tokens;
+        std::copy(std::begin(weights_.tier), std::end(weights_.tier), settings.weights);
+        auto front = std::make_unique<HttpFront>(*plane_, settings, std::move(buckets));
+        int bound = front->start();
+        http_ = std::move(front);
+        return bound;
+    }
+
+    void stop_http(double grace_seconds) {
+        if (http_) {
+            py::gil_scoped_release released;
+            http_->stop(grace_seconds);
+        }
+    }
+
+    py::dict http_counts() const { return counts_dict(http_ ? http_->counts() : FrontCounts{}); }
+
     py::dict grpc_counts() const {
+        return counts_dict(front_ ? front_->counts() : FrontCounts{});
+    }
+
+    static py::dict counts_dict(const FrontCounts& counts) {
         py::dict out;
-        FrontCounts counts = front_ ? front_->counts() : FrontCounts{};
         out["buckets"] = counts.buckets;
         out["seconds"] = counts.seconds;
         out["queries"] = counts.queries;
@@ -360,15 +391,16 @@ class PlaneHandle {
     }
 
     ~PlaneHandle() {
-        if (front_) {
-            py::gil_scoped_release released;
-            front_->stop(0);  // before the plane it reads goes
-        }
+        py::gil_scoped_release released;
+        // The fronts go before the plane they read.
+        if (http_) http_->stop(0);
+        if (front_) front_->stop(0);
     }
 
    private:
     std::unique_ptr<DataPlane> plane_;
     std::unique_ptr<GrpcFront> front_;
+    std::unique_ptr<HttpFront> http_;
     Weights weights_;
 };
 
@@ -409,6 +441,11 @@ void bind_plane(py::module_& m) {
              py::arg("max_message_bytes"), py::arg("max_tokens"), py::arg("buckets"))
         .def("stop_grpc", &PlaneHandle::stop_grpc, py::arg("grace_seconds"))
         .def("grpc_counts", &PlaneHandle::grpc_counts)
+        .def("serve_http", &PlaneHandle::serve_http, py::arg("host"), py::arg("port"),
+             py::arg("backend"), py::arg("max_body_bytes"), py::arg("max_tokens"),
+             py::arg("buckets"))
+        .def("stop_http", &PlaneHandle::stop_http, py::arg("grace_seconds"))
+        .def("http_counts", &PlaneHandle::http_counts)
         .def("apply_frame_for_test", &PlaneHandle::apply_frame_for_test, py::arg("topic"),
              py::arg("seq"), py::arg("payload"), py::arg("pod_id") = "", py::arg("model") = "",
              py::arg("rank") = 0, py::arg("replay_endpoint") = "", py::arg("received") = 0.0);

@@ -45,40 +45,18 @@ void copy_out(const grpc::ByteBuffer& buffer, std::string& out) {
 }  // namespace
 
 struct GrpcFront::Impl final : public grpc::CallbackGenericService {
-    Impl(const DataPlane& plane_, GrpcFrontSettings settings_, std::vector<double> bounds_)
-        : plane(plane_), settings(std::move(settings_)), bounds(std::move(bounds_)) {
-        counts.buckets.assign(bounds.size() + 1, 0);
-    }
+    Impl(const DataPlane& plane_, GrpcFrontSettings settings_, std::vector<double> bounds)
+        : plane(plane_), settings(std::move(settings_)), counter(std::move(bounds)) {}
 
     grpc::ServerGenericBidiReactor* CreateReactor(
         grpc::GenericCallbackServerContext* context) override;
 
-    void observe(double seconds, uint64_t blocks, uint64_t hits) {
-        size_t bucket = 0;
-        while (bucket < bounds.size() && seconds > bounds[bucket]) {
-            bucket++;
-        }
-        std::lock_guard<std::mutex> lock(counts_mutex);
-        counts.buckets[bucket]++;
-        counts.seconds += seconds;
-        counts.queries++;
-        counts.blocks += blocks;
-        counts.hit_blocks += hits;
-    }
-
-    void relayed() {
-        std::lock_guard<std::mutex> lock(counts_mutex);
-        counts.relayed++;
-    }
-
     const DataPlane& plane;
     const GrpcFrontSettings settings;
-    const std::vector<double> bounds;
+    QueryCounter counter;
     std::shared_ptr<grpc::Channel> channel;
     std::unique_ptr<grpc::GenericStub> stub;
     std::unique_ptr<grpc::Server> server;
-    mutable std::mutex counts_mutex;
-    FrontCounts counts;
 };
 
 namespace {
@@ -222,13 +200,14 @@ class Call final : public grpc::ServerGenericBidiReactor {
         grpc::Slice slice(std::move(reply));
         reply_ = grpc::ByteBuffer(&slice, 1);
         std::chrono::duration<double> took = std::chrono::steady_clock::now() - started;
-        front_.observe(took.count(), total, found.pods.empty() ? 0 : found.pods[0].match_length);
+        front_.counter.observe(took.count(), total,
+                               found.pods.empty() ? 0 : found.pods[0].match_length);
         return true;
     }
 
     void relay() {
         relaying_ = true;
-        front_.relayed();
+        front_.counter.relayed();
         refs_.fetch_add(1);
         for (const auto& [key, value] : context_->client_metadata()) {
             std::string_view name(key.data(), key.size());
@@ -323,9 +302,6 @@ void GrpcFront::stop(double grace_seconds) {
     impl.server.reset();
 }
 
-FrontCounts GrpcFront::counts() const {
-    std::lock_guard<std::mutex> lock(impl_->counts_mutex);
-    return impl_->counts;
-}
+FrontCounts GrpcFront::counts() const { return impl_->counter.counts(); }
 
 }  // namespace kvc

@@ -15,6 +15,8 @@
 #include <string>
 #include <vector>
 
+#include "query_counts.hpp"
+
 namespace kvc {
 
 class DataPlane;
@@ -25,16 +27,6 @@ struct GrpcFrontSettings {
     int max_message_bytes = 8 << 20;
     uint64_t max_tokens = 131072;
     double weights[3] = {1.0, 0.8, 0.5};
-};
-
-// Durations of the queries answered here, for kv_cache_query_duration_seconds{api="grpc"}.
-struct FrontCounts {
-    std::vector<uint64_t> buckets;  // per bound, then +Inf (not cumulative)
-    double seconds = 0;
-    uint64_t queries = 0;
-    uint64_t blocks = 0;      // prompt blocks asked about
-    uint64_t hit_blocks = 0;  // blocks the best pod held
-    uint64_t relayed = 0;     // calls passed to the Python server
 };
 
 class GrpcFront {

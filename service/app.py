@@ -121,11 +121,22 @@ class Service:
         rest = create_rest_app(
             self.queries, self.metrics.registry, max_body_bytes=settings.api.max_body_bytes
         )
+        # With the native plane, native fronts own the HTTP and gRPC ports and the Python
+        # servers listen behind them on private unix sockets.
+        self._front = self.plane if isinstance(self.plane, NativeDataPlane) else None
+        self._socket_dir = (
+            tempfile.TemporaryDirectory(prefix="kv-cache-") if self._front is not None else None
+        )
+        where: dict[str, Any] = (
+            {"uds": self._socket_path("http")}
+            if self._socket_dir is not None
+            else {"host": settings.api.host, "port": settings.api.port}
+        )
+        self._http_port: int | None = None
         self.http = _EmbeddedUvicorn(
             uvicorn.Config(
                 rest,
-                host=settings.api.host,
-                port=settings.api.port,
+                **where,
                 log_config=None,
                 access_log=False,
                 lifespan="off",
@@ -134,8 +145,10 @@ class Service:
             )
         )
         self._stopping = asyncio.Event()
-        self._front: NativeDataPlane | None = None
-        self._socket_dir: tempfile.TemporaryDirectory[str] | None = None
+
+    def _socket_path(self, name: str) -> str:
+        assert self._socket_dir is not None
+        return f"{self._socket_dir.name}/{name}.sock"
 
     def _observe_query(self, api: str, seconds: float, answer: LocalityAnswer | None) -> None:
         if answer is None:
@@ -170,6 +183,16 @@ class Service:
                 raise RuntimeError("the HTTP server stopped during start-up")
             await asyncio.sleep(0.01)
         self._http_task = http_task
+        if self._front is not None:
+            api = settings.api
+            self._http_port = self._front.serve_http(
+                api.host,
+                api.port,
+                self._socket_path("http"),
+                max_body_bytes=api.max_body_bytes,
+                max_tokens=api.max_tokens,
+            )
+            self.metrics.watch_native_queries("rest", self._front.http_counts)
         # Start-up objects (modules, schemas, routes) never die: moving them out of the
         # collector's sight turns 70-140 ms full collections into sub-millisecond ones.
         gc.collect()
@@ -195,19 +218,17 @@ class Service:
         the port and answers the hot path; the Python server serves the rest on a private
         socket)."""
         settings = self.settings
-        if not isinstance(self.plane, NativeDataPlane):
+        if self._front is None:
             return await self.grpc.start(settings.grpc.host, settings.grpc.port)
-        self._socket_dir = tempfile.TemporaryDirectory(prefix="kv-cache-")
-        backend = f"unix:{self._socket_dir.name}/grpc.sock"
+        backend = f"unix:{self._socket_path('grpc')}"
         await self.grpc.start_at(backend)
-        port = self.plane.serve_grpc(
+        port = self._front.serve_grpc(
             grpc_address(settings.grpc.host, settings.grpc.port),
             backend,
             max_message_bytes=settings.api.max_body_bytes,
             max_tokens=settings.api.max_tokens,
         )
-        self._front = self.plane
-        self.metrics.watch_native_queries(self.plane.grpc_counts)
+        self.metrics.watch_native_queries("grpc", self._front.grpc_counts)
         return port
 
     async def _serve_http(self) -> None:
@@ -221,6 +242,8 @@ class Service:
 
     @property
     def http_port(self) -> int:
+        if self._http_port is not None:
+            return self._http_port
         port: int = self.http.servers[0].sockets[0].getsockname()[1]
         return port
 
@@ -244,12 +267,15 @@ class Service:
         self.status.stopping = True
         with contextlib.suppress(Exception):
             await self.grpc.set_serving(False)
-        self.http.should_exit = True
         http_task = getattr(self, "_http_task", None)
         if self._front is not None:
-            # Releases the GIL while calls in flight finish; relayed ones need the Python
-            # server behind it, which stops after.
-            await asyncio.to_thread(self._front.stop_grpc, _STOP_SECONDS - 2)
+            # Release the GIL while calls in flight finish; relayed ones need the Python
+            # servers behind the fronts, which stop after.
+            await asyncio.gather(
+                asyncio.to_thread(self._front.stop_http, _STOP_SECONDS - 2),
+                asyncio.to_thread(self._front.stop_grpc, _STOP_SECONDS - 2),
+            )
+        self.http.should_exit = True
         await asyncio.gather(
             self.grpc.stop(grace=_STOP_SECONDS - 2),
             *([http_task] if http_task is not None else []),

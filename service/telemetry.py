@@ -230,7 +230,7 @@ class QueryCounts:
 
 
 NativeQueries = Callable[[], dict[str, Any]]
-"""The native gRPC front's counts (``DataPlane.grpc_counts`` of service._dataplane)."""
+"""A native front's counts (``http_counts`` / ``grpc_counts`` of service._dataplane)."""
 
 
 class _QueryCollector(Collector):
@@ -239,7 +239,7 @@ class _QueryCollector(Collector):
 
     def __init__(self, counts: QueryCounts) -> None:
         self.counts = counts
-        self.native: NativeQueries | None = None
+        self.native: dict[str, NativeQueries] = {}
 
     def collect(self) -> Iterable[Metric]:
         by_api = {
@@ -249,16 +249,19 @@ class _QueryCollector(Collector):
             by_api.setdefault(api, ([0] * (len(LATENCY_BUCKETS) + 1), 0.0))
         blocks, hits = self.counts.blocks, self.counts.hit_blocks
         relayed = CounterMetricFamily(
-            "kv_cache_grpc_relayed_calls",
-            "gRPC calls the native front passed to the Python server (all but the hot path)",
+            "kv_cache_relayed_requests",
+            "Requests a native front passed to the Python server behind it, by api",
+            labels=["api"],
         )
-        if self.native is not None:
-            native = self.native()
-            relayed.add_metric([], native["relayed"])
-            grpc_buckets, grpc_seconds = by_api["grpc"]
-            by_api["grpc"] = (
-                [a + b for a, b in zip(grpc_buckets, native["buckets"], strict=True)],
-                grpc_seconds + native["seconds"],
+        for api, read in sorted(self.native.items()):
+            native = read()
+            relayed.add_metric([api], native["relayed"])
+            if not native["buckets"]:
+                continue
+            buckets, seconds = by_api[api]
+            by_api[api] = (
+                [a + b for a, b in zip(buckets, native["buckets"], strict=True)],
+                seconds + native["seconds"],
             )
             blocks += native["blocks"]
             hits += native["hit_blocks"]
@@ -314,9 +317,9 @@ class Metrics:
         self.plane.plane = plane
         self.build_info.labels(plane.kind, _version()).set(1)
 
-    def watch_native_queries(self, counts: NativeQueries) -> None:
-        """Adds the queries the native gRPC front answers to the query metrics."""
-        self._query_collector.native = counts
+    def watch_native_queries(self, api: str, counts: NativeQueries) -> None:
+        """Adds the queries a native front answers for ``api`` to the query metrics."""
+        self._query_collector.native[api] = counts
 
     def observe_query(self, api: str, seconds: float, total_blocks: int, hits: int) -> None:
         self.queries.observe(api, seconds)

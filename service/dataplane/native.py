@@ -269,6 +269,31 @@ class NativeDataPlane:
         counts: dict[str, Any] = self._plane.grpc_counts()
         return counts
 
+    # -- the HTTP front ------------------------------------------------------------------
+
+    def serve_http(
+        self, host: str, port: int, backend: str, *, max_body_bytes: int, max_tokens: int
+    ) -> int:
+        """Serves the HTTP port natively (native/http_front.hpp): the REST hot path answered
+        from the plane, every other request's connection handed to the Python server at the
+        unix socket ``backend``. Returns the bound port; ``OSError`` when it cannot bind."""
+        try:
+            bound: int = self._plane.serve_http(
+                host, port, backend, max_body_bytes, max_tokens, list(LATENCY_BUCKETS)
+            )
+        except RuntimeError as error:
+            raise OSError(str(error)) from error
+        return bound
+
+    def stop_http(self, grace: float) -> None:
+        """Stops the HTTP front; open connections get ``grace`` seconds."""
+        self._plane.stop_http(grace)
+
+    def http_counts(self) -> dict[str, Any]:
+        """The HTTP front's query latencies and counts."""
+        counts: dict[str, Any] = self._plane.http_counts()
+        return counts
+
     # -- status -----------------------------------------------------------------------
 
     def _snapshots(self) -> list[StreamSnapshot]:

@@ -184,10 +184,10 @@ def test_the_hot_path_is_answered_by_the_front_and_counted(
     running: Daemon, stub: kvcache_pb2_grpc.KVCacheServiceStub
 ) -> None:
     queries = running.metric("kv_cache_query_duration_seconds_count", api="grpc")
-    relayed = running.metric("kv_cache_grpc_relayed_calls_total")
+    relayed = running.metric("kv_cache_relayed_requests_total", api="grpc")
     for _ in range(3):
         stub.Locality(kvcache_pb2.LocalityRequest(model=MODEL, token_ids=TOKENS))
     assert running.metric("kv_cache_query_duration_seconds_count", api="grpc") == queries + 3
-    assert running.metric("kv_cache_grpc_relayed_calls_total") == relayed
+    assert running.metric("kv_cache_relayed_requests_total", api="grpc") == relayed
     stub.Locality(kvcache_pb2.LocalityRequest(model=MODEL, token_ids=TOKENS, pods=["x"]))
-    assert running.metric("kv_cache_grpc_relayed_calls_total") == relayed + 1
+    assert running.metric("kv_cache_relayed_requests_total", api="grpc") == relayed + 1
