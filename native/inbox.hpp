@@ -29,14 +29,14 @@ struct Frame {
     uint64_t seq = 0;
     std::string payload;
     double received = 0;  // unix seconds
+    bool dropped = false;  // a marker: frames of the pod `topic` were dropped here
 };
 
 struct Command {
-    enum Kind : uint8_t { kReplayDone, kOverflow } kind;
+    enum Kind : uint8_t { kReplayDone } kind;
     uint64_t stream = 0;   // kReplayDone: the stream's serial number
     bool ok = false;       // kReplayDone: whether the fetch succeeded
     std::vector<std::pair<uint64_t, std::string>> batches;  // kReplayDone: (seq, payload)
-    std::string pod_id;    // kOverflow
 };
 
 class Inbox {
@@ -57,6 +57,17 @@ class Inbox {
             wake_.notify_one();
         }
         return true;
+    }
+
+    // Past the bound too: for markers, one per pod between its frames.
+    void push_unbounded(Frame&& frame) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        bytes_ += frame.payload.size() + frame.topic.size() + kOverhead;
+        peak_bytes_ = std::max(peak_bytes_, bytes_);
+        frames_.push_back(std::move(frame));
+        if (frames_.size() == 1) {
+            wake_.notify_one();
+        }
     }
 
     void command(Command&& command) {

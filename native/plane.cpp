@@ -20,6 +20,7 @@ namespace {
 
 // Held frames per stream while its replay runs (service/dataplane/sequencing.py).
 constexpr size_t kMaxPending = 10000;
+constexpr uint32_t kMaxIdleReplays = 2;  // sequencing.py MAX_IDLE_REPLAYS
 // DP ranks a stream may claim: more is a broken or hostile sender.
 constexpr uint64_t kMaxRank = 1u << 16;
 constexpr size_t kMaxWarnedTopics = 1000;
@@ -70,11 +71,7 @@ DataPlane::DataPlane(PlaneSettings settings)
     if (notice_fd_ < 0) {
         throw std::runtime_error(std::string("eventfd: ") + std::strerror(errno));
     }
-    receiver_ = std::make_unique<Receiver>(inbox_, settings_.receiver, [this](const std::string& pod) {
-        Command command{Command::kOverflow};
-        command.pod_id = pod;
-        inbox_.command(std::move(command));
-    });
+    receiver_ = std::make_unique<Receiver>(inbox_, settings_.receiver);
 }
 
 DataPlane::~DataPlane() {
@@ -218,6 +215,11 @@ void DataPlane::apply_frame_for_test(Frame&& frame) {
 }
 
 void DataPlane::on_frame(Frame& frame) {
+    if (frame.dropped) {
+        std::unique_lock<std::shared_mutex> lock(lock_);
+        overflowed(frame.topic);
+        return;
+    }
     const Source& source = *frame.source;
     std::string pod_id, model;
     // Topics name pods and models: garbage is refused, not mangled.
@@ -276,7 +278,7 @@ void DataPlane::on_frame(Frame& frame) {
         hold(*stream, frame.seq, frame.payload, decoded);
         return;
     }
-    sequence(*stream, frame.seq, decoded, frame.payload, endpoint, false, true);
+    sequence(*stream, frame.seq, decoded, frame.payload, endpoint, false, true, frame.received);
 }
 
 void DataPlane::count_decoded(bool decoded) {
@@ -319,6 +321,12 @@ DataPlane::Stream* DataPlane::stream_for(const std::string& pod_id, uint32_t ran
         stream->slot = index_.add_slot(model, pod_id, rank);
         by_serial_[stream->serial] = stream.get();
         by_slot_[stream->slot] = stream.get();
+        auto overflowed = unseen_overflows_.find(pod_id);
+        if (overflowed != unseen_overflows_.end()) {
+            stream->dropped += overflowed->second;
+            stream->resync = true;
+            unseen_overflows_.erase(overflowed);
+        }
         Notice notice{Notice::kStreamSeen, stream->serial, pod_id, rank,
                       models_[model]->name(), "", seq};
         found = streams_.emplace(key, std::move(stream)).first;
@@ -353,7 +361,8 @@ std::string DataPlane::replay_endpoint_for(const std::string& pod_id, uint32_t r
 
 // CONTRACT.md section 6; the Python twin is sequencing.py's StreamSequencer.sequence.
 void DataPlane::sequence(Stream& stream, uint64_t seq, bool decoded, std::string& payload,
-                         const std::string& endpoint, bool gap_counted, bool live) {
+                         const std::string& endpoint, bool gap_counted, bool live,
+                         double received) {
     bool can_replay = settings_.replay && !endpoint.empty();
     if (!stream.has_last) {
         if (can_replay) {
@@ -375,6 +384,13 @@ void DataPlane::sequence(Stream& stream, uint64_t seq, bool decoded, std::string
         }
         stream.lost += seq - stream.last_seq - 1;
     } else if (seq <= stream.last_seq) {
+        // A batch the replay already brought, still in flight or queued when it answered:
+        // the engine stamped it no later than the last one replayed. A restarted engine
+        // starts its numbers again, but its batches are newer than any replayed.
+        if (stream.replayed && seq <= stream.replayed_through &&
+            (decoded ? batch_.ts <= stream.replayed_ts : received <= stream.replay_applied_at)) {
+            return;
+        }
         stream.restarts++;
         notify(Notice{Notice::kRestart, stream.serial, stream.pod_id, stream.rank, "", "",
                       stream.last_seq, seq});
@@ -394,6 +410,7 @@ void DataPlane::start_replay(Stream& stream, const std::string& endpoint, uint64
     stream.replaying = true;
     stream.replays++;
     stream.replay_endpoint = endpoint;
+    stream.dropped_in_replay = false;
     notify(Notice{Notice::kReplay, stream.serial, stream.pod_id, stream.rank,
                   models_[stream.model]->name(), endpoint, from});
 }
@@ -466,19 +483,18 @@ void DataPlane::on_command(Command& command) {
         case Command::kReplayDone: {
             auto found = by_serial_.find(command.stream);
             if (found != by_serial_.end() && found->second->replaying) {
-                apply_replay(*found->second, command);
+                found->second->replaying = !apply_replay(*found->second, command);
             }
             break;
         }
-        case Command::kOverflow:
-            overflowed(command.pod_id);
-            break;
     }
 }
 
-// sequencing.py's StreamSequencer.apply_replay: replayed batches, then the live frames held
-// meanwhile, in order.
-void DataPlane::apply_replay(Stream& stream, Command& command) {
+// sequencing.py's StreamSequencer._apply_replay: replayed batches, then the live frames held
+// meanwhile, in order. Another replay starts when frames dropped after the engine answered
+// leave a gap this one cannot fill.
+bool DataPlane::apply_replay(Stream& stream, Command& command) {
+    uint64_t applied = 0;
     for (auto& [seq, payload] : command.batches) {
         if (stream.has_last && seq <= stream.last_seq) {
             continue;
@@ -490,29 +506,53 @@ void DataPlane::apply_replay(Stream& stream, Command& command) {
         bool decoded = decode_batch(payload, batch_);
         count_decoded(decoded);
         apply(stream, seq, decoded, false);
+        applied++;
+        stream.replayed = true;
+        stream.replayed_through = seq;
+        if (decoded) {
+            stream.replayed_ts = std::max(stream.replayed_ts, batch_.ts);
+        }
     }
-    // The first held frame is the one that started the replay: a gap still left before it
-    // was counted then, and is a loss now. A frame numbered below the one before it is an
-    // engine restart, never a duplicate.
+    stream.idle_replays = applied != 0 ? 0 : stream.idle_replays + 1;
+    bool replay_again = command.ok && !stream.replay_endpoint.empty() &&
+                        stream.idle_replays < kMaxIdleReplays;
+    // Live frames sent before the engine answered may still be queued behind this; they
+    // carry sequence numbers at or below what the replay brought, and are not a restart.
+    stream.replay_applied_at = unix_now();
+    // The first held frame is the one that started the replay: its gap was counted then.
+    // A frame numbered below the one before it is an engine restart, never a duplicate.
     bool first = true;
     bool has_previous = false;
     uint64_t previous = 0;
     while (!stream.pending.empty()) {
-        Held held = std::move(stream.pending.front());
-        stream.pending.pop_front();
-        bool restarted = has_previous && held.seq < previous;
+        Held& front = stream.pending.front();
+        bool restarted = has_previous && front.seq < previous;
         has_previous = true;
-        previous = held.seq;
-        if (!restarted && stream.has_last && held.seq <= stream.last_seq) {
+        previous = front.seq;
+        if (!restarted && stream.has_last && front.seq <= stream.last_seq) {
+            stream.pending.pop_front();
             first = false;
             continue;  // the replay already brought it
         }
+        if (replay_again && !restarted && stream.has_last && front.seq > stream.last_seq + 1) {
+            if (!first) {
+                stream.gaps++;
+            }
+            start_replay(stream, stream.replay_endpoint, stream.last_seq + 1);
+            return false;
+        }
+        Held held = std::move(front);
+        stream.pending.pop_front();
         // Its decode errors were counted when it arrived.
         bool decoded = held.decoded && decode_batch(held.payload, batch_);
-        sequence(stream, held.seq, decoded, held.payload, "", first, true);
+        sequence(stream, held.seq, decoded, held.payload, "", first, true, 0);
         first = false;
     }
-    stream.replaying = false;
+    if (stream.dropped_in_replay && replay_again && stream.has_last) {
+        start_replay(stream, stream.replay_endpoint, stream.last_seq + 1);
+        return false;
+    }
+    return true;
 }
 
 void DataPlane::forget(const std::string& pod_id, double at) {
@@ -533,12 +573,24 @@ void DataPlane::forget(const std::string& pod_id, double at) {
 void DataPlane::overflowed(const std::string& pod_id) {
     receiver_->acknowledge_overflow(pod_id);
     notify(Notice{Notice::kOverflow, 0, pod_id});
+    bool tracked = false;
+    for (auto& [key, stream] : streams_) {
+        tracked = tracked || key.first == pod_id;
+    }
+    if (!tracked) {
+        // Its first frames were the ones dropped: the stream, when it comes, starts flagged.
+        if (unseen_overflows_.size() < kMaxWarnedTopics || unseen_overflows_.count(pod_id)) {
+            unseen_overflows_[pod_id]++;
+        }
+        return;
+    }
     for (auto& [key, stream] : streams_) {
         if (key.first != pod_id) {
             continue;
         }
         stream->dropped++;
         if (stream->replaying) {
+            stream->dropped_in_replay = true;
             continue;
         }
         // A replay from where it stands recovers what was dropped, even when nothing

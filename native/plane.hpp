@@ -220,6 +220,12 @@ class DataPlane {
         uint64_t batches = 0, gaps = 0, lost = 0, replays = 0, restarts = 0, dropped = 0;
         bool replaying = false;
         bool resync = false;
+        bool replayed = false;         // a replay has applied batches, up to:
+        uint64_t replayed_through = 0;
+        double replayed_ts = 0;        // the newest engine timestamp among replayed batches
+        double replay_applied_at = 0;  // unix seconds when the last replay was applied
+        bool dropped_in_replay = false;  // the replay may have answered before they were sent
+        uint32_t idle_replays = 0;       // replays in a row that brought nothing new
         std::deque<Held> pending;
         std::string replay_endpoint;  // of its last frame's socket or the configuration
     };
@@ -232,12 +238,14 @@ class DataPlane {
     void count_decoded(bool decoded);  // batch_'s errors and skipped events
     uint16_t model_id(const std::string& name);
     Stream* stream_for(const std::string& pod_id, uint32_t rank, uint16_t model, uint64_t seq);
+    // `received`: when a live frame arrived (0 for a held one, which apply_replay orders).
     void sequence(Stream& stream, uint64_t seq, bool decoded, std::string& payload,
-                  const std::string& endpoint, bool gap_counted, bool live);
+                  const std::string& endpoint, bool gap_counted, bool live, double received);
     void apply(Stream& stream, uint64_t seq, bool decoded, bool live);
     void start_replay(Stream& stream, const std::string& endpoint, uint64_t from);
     void hold(Stream& stream, uint64_t seq, std::string& payload, bool decoded);
-    void apply_replay(Stream& stream, Command& command);
+    // False when it started another replay instead of finishing.
+    bool apply_replay(Stream& stream, Command& command);
     void forget(const std::string& pod_id, double at);
     void overflowed(const std::string& pod_id);
     void notify(Notice&& notice);
@@ -264,6 +272,7 @@ class DataPlane {
     PlaneCounts counts_;
 
     std::unordered_map<std::string, double> forgotten_;  // pod -> frames up to then are stale
+    std::unordered_map<std::string, uint64_t> unseen_overflows_;  // drops before a stream
 
     // The applier's own.
     uint64_t next_serial_ = 1;

@@ -64,9 +64,8 @@ struct Receiver::Socket {
     std::shared_ptr<const Source> source;
 };
 
-Receiver::Receiver(Inbox& inbox, ReceiverSettings settings,
-                   std::function<void(const std::string&)> on_overflow)
-    : inbox_(inbox), settings_(std::move(settings)), on_overflow_(std::move(on_overflow)) {
+Receiver::Receiver(Inbox& inbox, ReceiverSettings settings)
+    : inbox_(inbox), settings_(std::move(settings)) {
     context_ = zmq_ctx_new();
     if (context_ == nullptr) {
         throw std::runtime_error(zmq_error("cannot create a ZeroMQ context"));
@@ -316,30 +315,35 @@ void Receiver::accept(Socket& socket, std::string&& topic, std::string&& seq,
     for (unsigned char byte : seq) {
         number = (number << 8) | byte;
     }
+    const Source& source = *socket.source;
+    auto pod_of = [&source](const std::string& named) {
+        return source.pod_id.empty() ? topic_pod(named) : source.pod_id;
+    };
+    std::lock_guard<std::mutex> lock(mutex_);
+    counts_.frames++;
+    // Only this thread pushes, under this lock: the marker and frames keep their order.
+    std::string pod = overflowed_.empty() ? std::string() : pod_of(topic);
     Frame frame{socket.source, std::move(topic), number, std::move(payload), unix_now()};
-    std::string pod;
-    bool first_overflow = false;
     if (inbox_.push(std::move(frame))) {
-        std::lock_guard<std::mutex> lock(mutex_);
-        counts_.frames++;
+        if (!overflowed_.empty()) {
+            overflowed_.erase(pod);
+        }
         return;
     }
     // `frame` was not moved from when the push failed.
-    pod = socket.source->pod_id.empty() ? topic_pod(frame.topic) : socket.source->pod_id;
-    {
-        std::lock_guard<std::mutex> lock(mutex_);
-        counts_.frames++;
-        counts_.dropped++;
-        // Topics are the sender's to choose: past a bound, unknown pods share one count.
-        if (counts_.dropped_by_pod.size() >= kMaxPodsCounted &&
-            counts_.dropped_by_pod.count(pod) == 0) {
-            pod = "";
-        }
-        counts_.dropped_by_pod[pod]++;
-        first_overflow = overflowed_.emplace(pod, true).second;
+    if (pod.empty()) {
+        pod = pod_of(frame.topic);
     }
-    if (first_overflow) {
-        on_overflow_(pod);
+    counts_.dropped++;
+    // Topics are the sender's to choose: past a bound, unknown pods share one count.
+    if (counts_.dropped_by_pod.size() >= kMaxPodsCounted && counts_.dropped_by_pod.count(pod) == 0) {
+        pod = "";
+    }
+    counts_.dropped_by_pod[pod]++;
+    if (overflowed_.insert(pod).second) {
+        Frame marker{socket.source, std::move(pod), 0, std::string(), frame.received};
+        marker.dropped = true;
+        inbox_.push_unbounded(std::move(marker));
     }
 }
 

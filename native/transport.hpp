@@ -22,6 +22,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -49,10 +50,11 @@ std::string offset_port(const std::string& endpoint, uint32_t offset);
 
 class Receiver {
    public:
-    // `on_overflow(pod_id)` runs on the receiving thread the first time a pod loses a frame
-    // to a full inbox since the last call for it was acknowledged (acknowledge_overflow).
-    Receiver(Inbox& inbox, ReceiverSettings settings,
-             std::function<void(const std::string&)> on_overflow);
+    // A pod's frame that finds the inbox full is dropped, and a marker (Frame::dropped)
+    // queued in its place, bound or not: one until a frame of the pod is queued again or
+    // the marker is acknowledged (acknowledge_overflow), so that the marker stands in order
+    // among the pod's frames.
+    Receiver(Inbox& inbox, ReceiverSettings settings);
     ~Receiver();
     Receiver(const Receiver&) = delete;
     Receiver& operator=(const Receiver&) = delete;
@@ -85,7 +87,6 @@ class Receiver {
 
     Inbox& inbox_;
     const ReceiverSettings settings_;
-    std::function<void(const std::string&)> on_overflow_;
     void* context_;
     int wake_fd_;
     std::atomic<bool> stopping_{false};
@@ -97,7 +98,7 @@ class Receiver {
     mutable std::mutex mutex_;  // guards requests_, counts_, overflowed_
     std::vector<std::unique_ptr<Request>> requests_;
     ReceiverCounts counts_;
-    std::map<std::string, bool> overflowed_;
+    std::set<std::string> overflowed_;  // pods with a marker queued and no frame since
 
     std::thread thread_;
 };

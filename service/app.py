@@ -14,7 +14,7 @@ import contextlib
 import gc
 import signal
 import tempfile
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -268,19 +268,17 @@ class Service:
         with contextlib.suppress(Exception):
             await self.grpc.set_serving(False)
         http_task = getattr(self, "_http_task", None)
+        stopping: list[Awaitable[object]] = [self.grpc.stop(grace=_STOP_SECONDS - 2)]
+        if http_task is not None:
+            stopping.append(http_task)
         if self._front is not None:
-            # Release the GIL while calls in flight finish; relayed ones need the Python
-            # servers behind the fronts, which stop after.
-            await asyncio.gather(
-                asyncio.to_thread(self._front.stop_http, _STOP_SECONDS - 2),
-                asyncio.to_thread(self._front.stop_grpc, _STOP_SECONDS - 2),
-            )
+            # Off the event loop, so the Python servers behind the fronts stop meanwhile:
+            # they finish the relayed calls in flight and close the idle relayed
+            # connections, which a front would otherwise wait out to the end of the grace.
+            stopping.append(asyncio.to_thread(self._front.stop_http, _STOP_SECONDS - 2))
+            stopping.append(asyncio.to_thread(self._front.stop_grpc, _STOP_SECONDS - 2))
         self.http.should_exit = True
-        await asyncio.gather(
-            self.grpc.stop(grace=_STOP_SECONDS - 2),
-            *([http_task] if http_task is not None else []),
-            return_exceptions=True,
-        )
+        await asyncio.gather(*stopping, return_exceptions=True)
         if self._socket_dir is not None:
             self._socket_dir.cleanup()
         await self.plane.stop()

@@ -1,11 +1,12 @@
 """The Python data plane: the reference the native one is held to, run only when asked
 (``data_plane: python``).
 
-Everything happens on the event loop: the subscriber (events/subscriber.py) drains the SUB
-sockets into a buffer bounded by bytes; a consumer task works through it in slices of
-``_SLICE_SECONDS`` between which queries run; each frame is identified, decoded
-(events/vllm.py), sequenced (sequencing.py), translated (index/translate.py) and applied
-to the reference index (index/reference.py). Clear and slow, by design: it shows what the
+Everything happens on the event loop: the subscriber (events/subscriber.py, the transport)
+drains the SUB sockets into a buffer bounded by bytes; a consumer task works through it in
+slices of ``_SLICE_SECONDS`` between which queries run; each frame is identified here,
+sequenced per (pod, rank) (sequencing.py), decoded and applied to the reference index
+(apply.py, over events/vllm.py, index/translate.py, index/reference.py), and its stream
+reported (registry.py). Clear and slow, by design: it shows what the
 native plane must do, not how fast.
 """
 
@@ -16,18 +17,18 @@ import contextlib
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import structlog
 import zmq.asyncio
 
 from service.config import Settings
+from service.dataplane.apply import BatchApplier
 from service.dataplane.protocol import DataPlaneKind, Lookup, PlaneCounts
 from service.dataplane.registry import StreamSnapshot, pod_statuses, stream_warnings
 from service.dataplane.replays import ReplayRunner
-from service.dataplane.sequencing import Decoded, Stream, StreamSequencer
-from service.events.model import Event, EventBatch
+from service.dataplane.sequencing import Stream, StreamSequencer
 from service.events.subscriber import Frame, PodEndpoint, Subscriber, offset_port
-from service.events.vllm import DecodeError, decode_batch
 from service.index.protocol import EVICTION_REASONS, BlockIndex, ClearPod, IndexStats, PodRank
 from service.models import ModelRegistry
 from service.scoring import TierWeights, score_pods
@@ -46,7 +47,14 @@ _MAX_RANK = 1 << 16
 _MAX_WARNED_TOPICS = 1000
 _SWEEP_BUDGET = 20_000
 _SWEEP_STEPS = 100
-_EVENT_TYPES = ("BlockStored", "BlockRemoved", "AllBlocksCleared")
+
+
+@dataclass(frozen=True, slots=True)
+class _Dropped:
+    """Queued in the place of frames dropped (the buffer full), so that the stream is
+    flagged in order: after the frames that came before them, before those after."""
+
+    pod: str
 
 
 def parse_topic(topic: bytes) -> tuple[str | None, str | None]:
@@ -85,31 +93,29 @@ class PythonDataPlane:
             sink=self._submit,
             on_bad_frame=self._count_drop,
         )
+        self._applier = BatchApplier(index, self._models)
         self._sequencer = StreamSequencer(
-            apply=self._apply,
-            clear=self._clear,
-            decode=self._decode,
+            apply=self._applier.apply,
+            clear=self._applier.clear,
+            decode=self._applier.decode,
             replays=replays,
-            count_drop=self._count_drop,
+            count_drop=self._applier.count_drop,
             count_replayed=lambda: self._batches.update(("replay",)),
         )
         self._replays = replays
-        self._buffer: deque[Frame] = deque()
+        self._buffer: deque[Frame | _Dropped] = deque()
         self._buffer_bytes = 0
         self._frames_waiting = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._failure: str | None = None
         self._warned_topics: set[bytes] = set()
+        # Pods whose drop marker is queued and no frame of theirs since.
         self._overflowed: set[str] = set()
         # pod id -> when it was forgotten: frames it sent before then are stale.
         self._forgotten: dict[str, float] = {}
-        self._events: Counter[str] = Counter(dict.fromkeys(_EVENT_TYPES, 0))
-        self._drops: Counter[str] = Counter()
         self._batches: Counter[str] = Counter({"live": 0, "replay": 0})
         self._dropped_by_pod: Counter[str] = Counter()
-        self._lag_counts = [0] * (len(LATENCY_BUCKETS) + 1)
-        self._lag_sum = 0.0
-        self._mismatch_logged: set[str] = set()
+        self._unseen_overflows: Counter[str] = Counter()
         self._index_stats = IndexStats(0, {}, {}, dict.fromkeys(EVICTION_REASONS, 0))
 
     @property
@@ -177,24 +183,39 @@ class PythonDataPlane:
         size = len(frame.payload) + len(frame.topic) + _FRAME_OVERHEAD
         if self._buffer_bytes + size > self._settings.zmq.buffer_bytes:
             self._count_drop("buffer_full")
-            pod = frame.source.pod_id or parse_topic(frame.topic)[0] or ""
+            pod = self._pod_of(frame)
             self._dropped_by_pod[pod] += 1
             if pod not in self._overflowed:
                 self._overflowed.add(pod)
                 log.warning("ingest buffer full: frames dropped", pod=pod)
-                for stream in [s for p, s in self._sequencer.streams.items() if p.pod_id == pod]:
-                    self._sequencer.overflowed(stream)
+                self._buffer.append(_Dropped(pod))
             return
+        if self._overflowed:
+            self._overflowed.discard(self._pod_of(frame))
         self._buffer.append(frame)
         self._buffer_bytes += size
         self._frames_waiting.set()
 
-    def _take(self) -> Frame:
-        frame = self._buffer.popleft()
-        self._buffer_bytes -= len(frame.payload) + len(frame.topic) + _FRAME_OVERHEAD
-        if not self._buffer:
-            self._overflowed.clear()
-        return frame
+    @staticmethod
+    def _pod_of(frame: Frame) -> str:
+        return frame.source.pod_id or parse_topic(frame.topic)[0] or ""
+
+    def _take(self) -> Frame | _Dropped:
+        item = self._buffer.popleft()
+        if isinstance(item, Frame):
+            self._buffer_bytes -= len(item.payload) + len(item.topic) + _FRAME_OVERHEAD
+        return item
+
+    def _dropped(self, pod: str) -> None:
+        """Frames of ``pod`` were dropped at this point of the buffer."""
+        self._overflowed.discard(pod)
+        streams = [s for p, s in self._sequencer.streams.items() if p.pod_id == pod]
+        for stream in streams:
+            self._sequencer.overflowed(stream)
+        known = pod in self._unseen_overflows
+        if not streams and (known or len(self._unseen_overflows) < _MAX_WARNED_TOPICS):
+            # Its first frames were the ones dropped: its stream starts flagged.
+            self._unseen_overflows[pod] += 1
 
     async def _consume(self) -> None:
         """Works through the buffer in slices of ``_SLICE_SECONDS`` between which queries
@@ -208,14 +229,19 @@ class PythonDataPlane:
             soft_end, hard_end = start + _SLICE_SECONDS, start + _MAX_SLICE_SECONDS
             while self._buffer:
                 frame = self._take()
-                behind = time.time() - frame.received >= _BEHIND_SECONDS
+                behind = (
+                    isinstance(frame, Frame) and time.time() - frame.received >= _BEHIND_SECONDS
+                )
                 await self._guarded(frame)
                 now = time.perf_counter()
                 if now > hard_end or (now > soft_end and not behind):
                     break
             await asyncio.sleep(0)
 
-    async def _guarded(self, frame: Frame) -> None:
+    async def _guarded(self, frame: Frame | _Dropped) -> None:
+        if isinstance(frame, _Dropped):
+            self._dropped(frame.pod)
+            return
         # A bug on one frame must not stop ingestion for good.
         try:
             await self._live(frame)
@@ -241,7 +267,7 @@ class PythonDataPlane:
                 self._count_drop("pod_dropped")
                 return
             del self._forgotten[pod_id]
-        batch = self._decode(frame.payload)
+        batch = self._applier.decode(frame.payload)
         rank = frame.source.rank
         if batch is not None and batch.data_parallel_rank is not None:
             rank = batch.data_parallel_rank
@@ -255,6 +281,9 @@ class PythonDataPlane:
         if stream is None:
             stream = self._sequencer.streams[pod] = Stream(pod, model)
             log.info("pod seen", pod=str(pod), model=model, seq=frame.seq)
+            if dropped := self._unseen_overflows.pop(pod_id, 0):
+                stream.dropped += dropped
+                stream.resync = True
         if stream.model != model:
             # The pod now serves another model (an IP reused by a new engine): what it held
             # for the old one is gone.
@@ -264,7 +293,7 @@ class PythonDataPlane:
         stream.last_time = frame.received
         endpoint = frame.source.replay_endpoint or self._replay_endpoint_for(pod_id, rank)
         stream.replay_endpoint = endpoint
-        await self._sequencer.live(stream, frame.seq, batch, endpoint)
+        await self._sequencer.live(stream, frame.seq, batch, endpoint, frame.received)
 
     def _replay_endpoint_for(self, pod_id: str, rank: int) -> str | None:
         endpoint = self._replay_endpoints.get(pod_id)
@@ -274,6 +303,9 @@ class PythonDataPlane:
             return offset_port(endpoint, rank)
         except ValueError:
             return None
+
+    def _count_drop(self, reason: str) -> None:
+        self._applier.count_drop(reason)
 
     def _unidentified(self, frame: Frame) -> None:
         self._count_drop("unidentified")
@@ -285,53 +317,6 @@ class PythonDataPlane:
                 hint="set the engine's topic to kv@<pod-ip:port>@<model>, or list the pod"
                 " under zmq.pods",
             )
-
-    def _decode(self, payload: bytes) -> Decoded:
-        try:
-            batch = decode_batch(payload)
-        except DecodeError as error:
-            self._count_drop(error.reason)
-            return None
-        self._drops.update(batch.skipped)
-        return batch
-
-    def _count_drop(self, reason: str) -> None:
-        self._drops[reason] += 1
-
-    async def _clear(self, stream: Stream) -> None:
-        await self._index.apply(stream.model, stream.pod, [ClearPod()])
-
-    async def _apply(self, stream: Stream, batch: EventBatch, live: bool) -> None:
-        await self._apply_events(stream, batch.events)
-        if live:  # a replayed batch is late by design: its lag says nothing of the stream
-            stream.lag = lag = max(0.0, time.time() - batch.ts)
-            bucket = next(
-                (i for i, bound in enumerate(LATENCY_BUCKETS) if lag <= bound),
-                len(LATENCY_BUCKETS),
-            )
-            self._lag_counts[bucket] += 1
-            self._lag_sum += lag
-
-    async def _apply_events(self, stream: Stream, events: Sequence[Event]) -> None:
-        model = self._models.get_or_add(stream.model)
-        translation = model.translator.translate(events)
-        for event in events:
-            self._events[type(event).__name__] += 1
-        self._drops.update(translation.skipped)
-        if translation.hash_checks:
-            mismatches = model.record(translation.hash_checks)
-            if mismatches and stream.model not in self._mismatch_logged:
-                self._mismatch_logged.add(stream.model)
-                log.error(
-                    "engine block hashes differ from ours",
-                    model=stream.model,
-                    pod=str(stream.pod),
-                    key_mode="vllm",
-                    likely_cause="hash_algorithm or hash_seed (PYTHONHASHSEED) differ from"
-                    " the engine's; or the engine's vLLM version hashes differently",
-                )
-        if translation.ops:
-            await self._index.apply(stream.model, stream.pod, translation.ops)
 
     async def _sweep_forever(self) -> None:
         interval = self._settings.index.sweep_interval
@@ -426,12 +411,12 @@ class PythonDataPlane:
     def counts(self) -> PlaneCounts:
         stats = self._index_stats
         return PlaneCounts(
-            events=dict(self._events),
-            drops=dict(self._drops),
+            events=dict(self._applier.events),
+            drops=dict(self._applier.drops),
             batches=dict(self._batches),
             lag_buckets=LATENCY_BUCKETS,
-            lag_counts=tuple(self._lag_counts),
-            lag_sum=self._lag_sum,
+            lag_counts=tuple(self._applier.lag_counts),
+            lag_sum=self._applier.lag_sum,
             buffer_bytes=self._buffer_bytes,
             buffer_frames=len(self._buffer),
             buffer_max_bytes=self._settings.zmq.buffer_bytes,
